@@ -21,7 +21,13 @@ from .errors import (
 
 __version__ = "0.1.0"
 
+from .store import Block, Store, create, open  # noqa: E402,A004  (gradstore.open is the API)
+
 __all__ = [
+    "Block",
+    "Store",
+    "create",
+    "open",
     "Encoding",
     "parse_encoding",
     "CorruptStoreError",

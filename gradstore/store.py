@@ -1,0 +1,603 @@
+"""The store: one LMDB environment per directory, packed blocks of quantized rows.
+
+Named databases (keys are fixed-width big-endian so byte order is numeric order):
+- ``meta``: b"meta" -> JSON {format_version, dim, projection, model, lora, block_bytes, created}
+- ``checkpoints``: u32 index -> JSON {name, lr, step, epoch, optimizer, source}
+- ``sets``: name -> JSON {id, kind, n_rows, subtasks, encodings, written}
+- ``rows``: set_id u32 | row u64 -> JSON {id, subtask, ...user metadata}
+- ``ids``: set_id u32 | id utf-8 -> row u64 (duplicate checks, resume)
+- ``blocks``: set_id u32 | checkpoint u32 | encoding (24 bytes) | block u32 -> one block:
+  header (magic, n rows, crc32) | payload (n x row_bytes) | scale (n x f32) | norm (n x f32)
+
+Every ``write`` is one write transaction, so a killed writer leaves whole batches only.
+Nothing is pickled: metadata is JSON, vectors are raw little-endian arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import lmdb
+import numpy as np
+
+from . import quant
+from .encodings import Encoding, parse_encoding
+from .errors import (
+    CorruptStoreError,
+    DuplicateIdError,
+    FormatVersionError,
+    GradstoreError,
+    InvalidVectorError,
+    ReadOnlyError,
+    SchemaMismatchError,
+    StoreExistsError,
+    StoreNotFoundError,
+    UnknownNameError,
+)
+
+FORMAT_VERSION = 1
+DEFAULT_BLOCK_BYTES = 2 << 20  # ~2 MiB blocks: a few large zero-copy reads per scan
+MAX_BLOCK_ROWS = 4096
+DEFAULT_MAP_SIZE = 64 << 20  # grows on demand (doubling), so small stores stay small
+_DATA_FILE = "data.mdb"
+_DBS = ("meta", "checkpoints", "sets", "rows", "ids", "blocks")
+_BLOCK_HEADER = struct.Struct("<4sII")  # magic, n_rows, crc32 of everything after the header
+_BLOCK_MAGIC = b"GSB1"
+_ENC_KEY_BYTES = 24
+
+
+def _u32(i: int) -> bytes:
+    return struct.pack(">I", i)
+
+
+def _row_key(set_id: int, row: int) -> bytes:
+    return struct.pack(">IQ", set_id, row)
+
+
+def _block_prefix(set_id: int, ckpt: int, enc: str) -> bytes:
+    return struct.pack(">II", set_id, ckpt) + enc.encode().ljust(_ENC_KEY_BYTES, b"\0")
+
+
+def _block_key(set_id: int, ckpt: int, enc: str, block: int) -> bytes:
+    return _block_prefix(set_id, ckpt, enc) + _u32(block)
+
+
+def _loads(raw):
+    return json.loads(bytes(raw))  # bytes() also takes the memoryviews of buffers=True reads
+
+
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of rows as read from the store; arrays are views valid inside the scan."""
+
+    start: int
+    payload: np.ndarray  # uint8 (n, row_bytes)
+    scale: np.ndarray  # float32 (n,)
+    norm: np.ndarray  # float32 (n,)
+
+
+def encode_block(payload: np.ndarray, scale: np.ndarray, norm: np.ndarray) -> bytes:
+    body = b"".join(
+        (np.ascontiguousarray(payload, np.uint8).tobytes(),
+         np.ascontiguousarray(scale, "<f4").tobytes(),
+         np.ascontiguousarray(norm, "<f4").tobytes())
+    )
+    return _BLOCK_HEADER.pack(_BLOCK_MAGIC, len(scale), zlib.crc32(body)) + body
+
+
+def decode_block(value, row_bytes: int, start: int, where: str, verify: bool = False) -> Block:
+    """Views over one stored block (zero-copy when `value` is a buffer); checks its framing."""
+    buf = memoryview(value)
+    if len(buf) < _BLOCK_HEADER.size:
+        raise CorruptStoreError(f"{where}: block truncated to {len(buf)} bytes")
+    magic, n, crc = _BLOCK_HEADER.unpack_from(buf)
+    expected = _BLOCK_HEADER.size + n * (row_bytes + 8)
+    if magic != _BLOCK_MAGIC or len(buf) != expected:
+        raise CorruptStoreError(f"{where}: block framing is wrong (size {len(buf)}, expected {expected})")
+    body = buf[_BLOCK_HEADER.size:]
+    if verify and zlib.crc32(body) != crc:
+        raise CorruptStoreError(f"{where}: block checksum mismatch")
+    payload = np.frombuffer(body, np.uint8, n * row_bytes).reshape(n, row_bytes)
+    scale = np.frombuffer(body, "<f4", n, n * row_bytes)
+    norm = np.frombuffer(body, "<f4", n, n * row_bytes + 4 * n)
+    return Block(start, payload, scale, norm)
+
+
+class _EnvRegistry:
+    """One lmdb.Environment per real path per process (py-lmdb forbids opening a file twice)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._envs: dict[tuple[int, str], list] = {}  # (pid, path) -> [env, refcount]
+
+    def acquire(self, path: str, map_size: int) -> lmdb.Environment:
+        key = (os.getpid(), path)
+        with self._lock:
+            entry = self._envs.get(key)
+            if entry is None:
+                # Environments inherited across fork() must never be used: the pid in the
+                # key makes a child open its own.
+                writable = os.access(path, os.W_OK)
+                env = lmdb.open(
+                    path, map_size=map_size, max_dbs=len(_DBS), subdir=True, readonly=not writable,
+                    lock=writable, readahead=False, metasync=True, sync=True, create=False,
+                )
+                entry = self._envs[key] = [env, 0]
+            entry[1] += 1
+            return entry[0]
+
+    def release(self, path: str) -> None:
+        key = (os.getpid(), path)
+        with self._lock:
+            entry = self._envs.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                entry[0].close()
+                del self._envs[key]
+
+
+_REGISTRY = _EnvRegistry()
+
+
+def _resolve(path) -> str:
+    return os.path.realpath(os.fspath(path))
+
+
+def create(path, dim: int, projection: dict | None = None, model: dict | None = None,
+           lora: dict | None = None, map_size: int = DEFAULT_MAP_SIZE,
+           block_bytes: int = DEFAULT_BLOCK_BYTES) -> "Store":
+    """Create an empty store at `path` (a new or empty directory) and open it for writing."""
+    if not isinstance(dim, (int, np.integer)) or dim <= 0:
+        raise SchemaMismatchError(f"dim must be a positive integer, got {dim!r}")
+    real = _resolve(path)
+    if os.path.exists(os.path.join(real, _DATA_FILE)):
+        raise StoreExistsError(f"{path}: a store already exists here")
+    if os.path.exists(real) and (not os.path.isdir(real) or os.listdir(real)):
+        raise StoreExistsError(f"{path}: exists and is not an empty directory")
+    os.makedirs(real, exist_ok=True)
+    env = lmdb.open(real, map_size=map_size, max_dbs=len(_DBS), subdir=True)
+    try:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "dim": int(dim),
+            "projection": projection or {},
+            "model": model or {},
+            "lora": lora or {},
+            "block_bytes": int(block_bytes),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        with env.begin(write=True) as txn:
+            dbs = {name: env.open_db(name.encode(), txn=txn) for name in _DBS}
+            txn.put(b"meta", _dumps(meta), db=dbs["meta"])
+    finally:
+        env.close()
+    return Store(real, readonly=False, map_size=map_size)
+
+
+def open(path, readonly: bool = True, map_size: int = DEFAULT_MAP_SIZE) -> "Store":  # noqa: A001
+    """Open an existing store; read-only by default."""
+    return Store(_resolve(path), readonly=readonly, map_size=map_size)
+
+
+class Store:
+    """A gradient store. Use `gradstore.create` / `gradstore.open` rather than this class."""
+
+    def __init__(self, path: str, readonly: bool = True, map_size: int = DEFAULT_MAP_SIZE):
+        if not os.path.isfile(os.path.join(path, _DATA_FILE)):
+            raise StoreNotFoundError(f"{path}: not a gradstore store (no {_DATA_FILE})")
+        if not readonly and not os.access(path, os.W_OK):
+            raise ReadOnlyError(f"{path}: directory is not writable")
+        self.path = path
+        self.readonly = readonly
+        self._map_size = max(map_size, os.path.getsize(os.path.join(path, _DATA_FILE)))
+        self._pid = -1
+        self._env: lmdb.Environment | None = None
+        self._connect()
+        self.meta = self._read_meta()
+
+    # ---- environment lifecycle -------------------------------------------------------
+    def _connect(self) -> None:
+        self._env = _REGISTRY.acquire(self.path, self._map_size)
+        self._pid = os.getpid()
+        try:
+            # Without a txn, py-lmdb opens the handles in a transaction it commits, so they
+            # outlive it (handles opened in an aborted read txn would be discarded).
+            self._dbs = {name: self._env.open_db(name.encode(), create=False) for name in _DBS}
+        except lmdb.Error as exc:
+            _REGISTRY.release(self.path)
+            raise StoreNotFoundError(f"{self.path}: not a gradstore store ({exc})") from None
+
+    @property
+    def env(self) -> lmdb.Environment:
+        if self._env is None:
+            raise GradstoreError(f"{self.path}: store is closed")
+        if self._pid != os.getpid():  # after fork: never touch the parent's environment
+            self._connect()
+        return self._env
+
+    def close(self) -> None:
+        if self._env is not None and self._pid == os.getpid():
+            _REGISTRY.release(self.path)
+        self._env = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __reduce__(self):
+        # Pickling a handle means "reopen the same path" (spawned workers).
+        return (open, (self.path, self.readonly))
+
+    def __repr__(self) -> str:
+        return f"<gradstore.Store {self.path!r} {'read-only' if self.readonly else 'writable'}>"
+
+    def _read_meta(self) -> dict:
+        with self.env.begin() as txn:
+            raw = txn.get(b"meta", db=self._dbs["meta"])
+        if raw is None:
+            raise StoreNotFoundError(f"{self.path}: not a gradstore store (no meta record)")
+        meta = _loads(raw)
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{self.path}: store format version {meta['format_version']} is newer than this"
+                f" gradstore supports ({FORMAT_VERSION}); upgrade gradstore"
+            )
+        return meta
+
+    def _write_txn(self, fn):
+        """Run fn(txn) in one write transaction; on a full map, grow it and retry the batch."""
+        if self.readonly:
+            raise ReadOnlyError(f"{self.path}: store is open read-only; open it with readonly=False")
+        env = self.env
+        while True:
+            try:
+                with env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapFullError:
+                self._map_size = env.info()["map_size"] * 2
+                env.set_mapsize(self._map_size)
+
+    @property
+    def dim(self) -> int:
+        return self.meta["dim"]
+
+    # ---- checkpoints ----------------------------------------------------------------
+    def checkpoints(self) -> list[dict]:
+        """Checkpoint records in creation order."""
+        with self.env.begin() as txn:
+            return [_loads(v) for _, v in txn.cursor(db=self._dbs["checkpoints"])]
+
+    def checkpoint_names(self) -> list[str]:
+        return [c["name"] for c in self.checkpoints()]
+
+    def add_checkpoint(self, name: str, lr: float, step: int | None = None, epoch: int | None = None,
+                       optimizer: str | None = None, source: str | None = None) -> dict:
+        """Register a checkpoint; re-adding an identical one is a no-op, a different one an error."""
+        if not isinstance(name, str) or not name:
+            raise SchemaMismatchError(f"checkpoint name must be a non-empty string, got {name!r}")
+        lr = float(lr)
+        if not np.isfinite(lr) or lr < 0:
+            raise SchemaMismatchError(f"checkpoint {name!r}: lr must be finite and >= 0, got {lr}")
+        record = {"name": name, "lr": lr, "step": step, "epoch": epoch,
+                  "optimizer": optimizer, "source": source}
+
+        def add(txn):
+            existing = [_loads(v) for _, v in txn.cursor(db=self._dbs["checkpoints"])]
+            for old in existing:
+                if old["name"] == name:
+                    if old["lr"] != lr:
+                        raise SchemaMismatchError(
+                            f"checkpoint {name!r} already exists with lr {old['lr']}, not {lr}")
+                    return old
+            txn.put(_u32(len(existing)), _dumps(record), db=self._dbs["checkpoints"])
+            return record
+
+        return self._write_txn(add)
+
+    def _checkpoint_index(self, txn, name: str) -> int:
+        names = [_loads(v)["name"] for _, v in txn.cursor(db=self._dbs["checkpoints"])]
+        if name not in names:
+            raise UnknownNameError(f"unknown checkpoint {name!r}; the store has: {_listing(names)}")
+        return names.index(name)
+
+    # ---- sets and rows --------------------------------------------------------------
+    def sets(self) -> list[str]:
+        """Set names, in creation order."""
+        with self.env.begin() as txn:
+            records = [(_loads(v)["id"], k.decode()) for k, v in txn.cursor(db=self._dbs["sets"])]
+        return [name for _, name in sorted(records)]
+
+    def set_info(self, set_name: str) -> dict:
+        with self.env.begin() as txn:
+            return self._set_record(txn, set_name)
+
+    def _set_record(self, txn, set_name: str) -> dict:
+        raw = txn.get(set_name.encode(), db=self._dbs["sets"])
+        if raw is None:
+            names = [bytes(k).decode() for k, _ in txn.cursor(db=self._dbs["sets"])]
+            raise UnknownNameError(f"unknown set {set_name!r}; the store has: {_listing(names)}")
+        return _loads(raw)
+
+    def rows(self, set_name: str) -> list[dict]:
+        """Row metadata of a set in row order (each has at least id and subtask)."""
+        with self.env.begin() as txn:
+            return list(self._iter_rows(txn, self._set_record(txn, set_name)["id"]))
+
+    def iter_rows(self, set_name: str) -> Iterator[dict]:
+        """Row metadata of a set in row order, streamed (memory does not grow with the set)."""
+        with self.env.begin() as txn:
+            yield from self._iter_rows(txn, self._set_record(txn, set_name)["id"])
+
+    def rows_at(self, set_name: str, rows) -> list[dict]:
+        """Row metadata for the given row numbers, in the order given."""
+        with self.env.begin() as txn:
+            set_id = self._set_record(txn, set_name)["id"]
+            out = []
+            for row in rows:
+                raw = txn.get(_row_key(set_id, int(row)), db=self._dbs["rows"])
+                if raw is None:
+                    raise UnknownNameError(f"set {set_name!r} has no row {int(row)}")
+                out.append(_loads(raw))
+            return out
+
+    def _iter_rows(self, txn, set_id: int, start: int = 0) -> Iterator[dict]:
+        prefix = _u32(set_id)
+        cur = txn.cursor(db=self._dbs["rows"])
+        if cur.set_range(_row_key(set_id, start)):
+            for k, v in cur:
+                if not k.startswith(prefix):
+                    break
+                yield _loads(v)
+
+    def ids(self, set_name: str) -> list[str]:
+        return [r["id"] for r in self.rows(set_name)]
+
+    def written_ids(self, set_name: str, checkpoint: str) -> set[str]:
+        """Ids whose vectors are stored for this checkpoint (what a resumed ingest skips)."""
+        try:
+            rec = self.set_info(set_name)
+        except UnknownNameError:
+            return set()
+        n = rec["written"].get(checkpoint, 0)
+        return set(self.ids(set_name)[:n])
+
+    # ---- writing --------------------------------------------------------------------
+    def write(self, set_name: str, checkpoint: str, vectors, ids: Sequence[str], kind: str = "train",
+              encodings: Sequence[str] = ("f16", "absmax8", "sign1"), metadata: Sequence[dict] | None = None,
+              subtasks: Sequence[str] | None = None) -> int:
+        """Append one batch of rows of `set_name` for `checkpoint` in one transaction.
+
+        Rows of a (set, checkpoint) arrive in the set's row order: ids new to the set are
+        appended to it; ids the set already has must come in its order. Returns rows written.
+        """
+        if self.readonly:
+            raise ReadOnlyError(f"{self.path}: store is open read-only; open it with readonly=False")
+        if kind not in ("train", "task"):
+            raise SchemaMismatchError(f"set {set_name!r}: kind must be 'train' or 'task', got {kind!r}")
+        if not isinstance(set_name, str) or not set_name or "\0" in set_name:
+            raise SchemaMismatchError(f"set name must be a non-empty string, got {set_name!r}")
+        x = np.asarray(vectors)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise SchemaMismatchError(
+                f"set {set_name!r}: vectors must have shape (n, {self.dim}), got {x.shape}")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise SchemaMismatchError(f"set {set_name!r}: vectors must be floats, got {x.dtype}")
+        x = np.ascontiguousarray(x, np.float32)
+        n = x.shape[0]
+        ids = [str(i) for i in ids]
+        if len(ids) != n:
+            raise SchemaMismatchError(f"set {set_name!r}: {len(ids)} ids for {n} vectors")
+        _check_unique(ids, set_name)
+        metadata = list(metadata) if metadata is not None else [{} for _ in range(n)]
+        if len(metadata) != n:
+            raise SchemaMismatchError(f"set {set_name!r}: {len(metadata)} metadata records for {n} vectors")
+        subtasks = [str(s) for s in subtasks] if subtasks is not None else [None] * n
+        if len(subtasks) != n:
+            raise SchemaMismatchError(f"set {set_name!r}: {len(subtasks)} subtasks for {n} vectors")
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        if bad.size:
+            raise InvalidVectorError(
+                f"set {set_name!r}: row {int(bad[0])} (id {ids[bad[0]]!r}) holds NaN or inf; nothing written")
+        encs = [parse_encoding(e) for e in encodings]
+        if not encs:
+            raise SchemaMismatchError(f"set {set_name!r}: at least one encoding is needed")
+        for enc in encs:
+            if enc.global_scale:
+                raise SchemaMismatchError(
+                    f"encoding {enc.name!r} needs the whole set's scale; write per-row encodings"
+                    " and derive it with requantize")
+        # Quantize outside the write transaction: the writer lock is held only for I/O.
+        encoded = {enc.name: quant.quantize(x, enc) for enc in encs} if n else {}
+        rows_meta = [_row_record(i, s, m, set_name) for i, s, m in zip(ids, subtasks, metadata)]
+
+        def write(txn):
+            ckpt = self._checkpoint_index(txn, checkpoint)
+            rec = self._get_or_create_set(txn, set_name, kind, encs)
+            start = rec["written"].get(checkpoint, 0)
+            self._place_rows(txn, rec, set_name, checkpoint, start, ids, rows_meta)
+            for enc in encs:
+                self._append_blocks(txn, rec, ckpt, enc, start, encoded.get(enc.name))
+            rec["written"][checkpoint] = start + n
+            txn.put(set_name.encode(), _dumps(rec), db=self._dbs["sets"])
+            return n
+
+        return self._write_txn(write) if n else 0
+
+    def _get_or_create_set(self, txn, set_name: str, kind: str, encs: list[Encoding]) -> dict:
+        raw = txn.get(set_name.encode(), db=self._dbs["sets"])
+        names = [e.name for e in encs]
+        if raw is None:
+            next_id = 1 + max((_loads(v)["id"] for _, v in txn.cursor(db=self._dbs["sets"])), default=-1)
+            return {"id": next_id, "kind": kind, "n_rows": 0, "subtasks": [], "written": {},
+                    "encodings": {e.name: self._layout(e) for e in encs}}
+        rec = _loads(raw)
+        if rec["kind"] != kind:
+            raise SchemaMismatchError(f"set {set_name!r} is a {rec['kind']} set, not {kind}")
+        stored = [e for e in rec["encodings"] if not parse_encoding(e).global_scale]
+        if sorted(stored) != sorted(names):
+            raise SchemaMismatchError(
+                f"set {set_name!r} holds encodings {', '.join(sorted(stored))}; this write has"
+                f" {', '.join(sorted(names))} (use requantize to add encodings)")
+        return rec
+
+    def _layout(self, enc: Encoding) -> dict:
+        row_bytes = enc.row_bytes(self.dim)
+        block_rows = int(min(MAX_BLOCK_ROWS, max(1, self.meta["block_bytes"] // row_bytes)))
+        return {"row_bytes": row_bytes, "block_rows": block_rows}
+
+    def _place_rows(self, txn, rec: dict, set_name: str, checkpoint: str, start: int,
+                    ids: list[str], rows_meta: list[dict]) -> None:
+        """Check that ids continue this checkpoint's rows in the set's order; append new rows."""
+        set_id = rec["id"]
+        for j, row_id in enumerate(ids):
+            row = start + j
+            found = txn.get(_u32(set_id) + row_id.encode(), db=self._dbs["ids"])
+            found_row = None if found is None else struct.unpack(">Q", found)[0]
+            if found_row is not None and found_row < start:
+                # (ids within this batch are unique, so a known id here was written before)
+                raise DuplicateIdError(
+                    f"id {row_id!r} is already written to {set_name}/{checkpoint} (row {found_row})")
+            if row < rec["n_rows"]:
+                if found_row != row:
+                    expected = _loads(txn.get(_row_key(set_id, row), db=self._dbs["rows"]))["id"]
+                    raise SchemaMismatchError(
+                        f"rows out of order for checkpoint {checkpoint!r}: row {row} of the set is"
+                        f" {expected!r}, but {row_id!r} was given; write every checkpoint's rows in"
+                        " the set's order")
+                continue
+            txn.put(_u32(set_id) + row_id.encode(), struct.pack(">Q", row), db=self._dbs["ids"])
+            txn.put(_row_key(set_id, row), _dumps(rows_meta[j]), db=self._dbs["rows"])
+            subtask = rows_meta[j]["subtask"]
+            if subtask is not None and subtask not in rec["subtasks"]:
+                rec["subtasks"].append(subtask)
+            rec["n_rows"] = row + 1
+
+    def _append_blocks(self, txn, rec: dict, ckpt: int, enc: Encoding, start: int,
+                       rows: quant.QuantizedRows) -> None:
+        """Append rows after row `start`: refill the last partial block, then add new ones."""
+        layout = rec["encodings"][enc.name]
+        block_rows, row_bytes = layout["block_rows"], layout["row_bytes"]
+        payload, scale, norm = rows.payload, rows.scale, rows.norm
+        block = start // block_rows
+        if start % block_rows:
+            key = _block_key(rec["id"], ckpt, enc.name, block)
+            old = decode_block(txn.get(key, db=self._dbs["blocks"]), row_bytes, block * block_rows,
+                               f"block {block}")
+            payload = np.concatenate([old.payload, payload])
+            scale = np.concatenate([old.scale, scale])
+            norm = np.concatenate([old.norm, norm])
+        for lo in range(0, len(scale), block_rows):
+            hi = lo + block_rows
+            key = _block_key(rec["id"], ckpt, enc.name, block + lo // block_rows)
+            txn.put(key, encode_block(payload[lo:hi], scale[lo:hi], norm[lo:hi]), db=self._dbs["blocks"])
+
+    # ---- reading --------------------------------------------------------------------
+    def scan(self, set_name: str, checkpoints: Sequence[str], encoding: str, verify: bool = False,
+             with_rows: bool = False, limit: int | None = None
+             ) -> Iterator[tuple[int, list[Block], list[dict] | None]]:
+        """Yield (start row, [Block per checkpoint], row metadata or None) block by block.
+
+        Covers the rows every checkpoint holds (at most `limit`). One read transaction spans
+        the scan, so it sees one consistent snapshot even while an ingest writes. The arrays
+        are zero-copy views into the map: use or copy them before the next step.
+        """
+        enc = parse_encoding(encoding)
+        with self.env.begin(buffers=True) as txn:
+            rec = self._set_record(txn, set_name)
+            layout = self._encoding_layout(rec, set_name, enc)
+            idx = [self._checkpoint_index(txn, c) for c in checkpoints]
+            n = min((rec["written"].get(c, 0) for c in checkpoints), default=0)
+            n = n if limit is None else min(n, limit)
+            block_rows = layout["block_rows"]
+            meta_iter = self._iter_rows(txn, rec["id"]) if with_rows else None
+            for b in range((n + block_rows - 1) // block_rows):
+                start = b * block_rows
+                take = min(block_rows, n - start)
+                blocks = []
+                for c, ci in zip(checkpoints, idx):
+                    where = f"{self.path}: set {set_name!r} checkpoint {c!r} encoding {enc.name} block {b}"
+                    raw = txn.get(_block_key(rec["id"], ci, enc.name, b), db=self._dbs["blocks"])
+                    if raw is None:
+                        raise CorruptStoreError(f"{where}: missing")
+                    blk = decode_block(raw, layout["row_bytes"], start, where, verify)
+                    blocks.append(Block(start, blk.payload[:take], blk.scale[:take], blk.norm[:take]))
+                metas = [next(meta_iter) for _ in range(take)] if with_rows else None
+                yield start, blocks, metas
+
+    def _encoding_layout(self, rec: dict, set_name: str, enc: Encoding) -> dict:
+        if enc.name not in rec["encodings"]:
+            raise UnknownNameError(
+                f"set {set_name!r} has no encoding {enc.name!r}; it holds: {_listing(rec['encodings'])}")
+        return rec["encodings"][enc.name]
+
+    def n_rows(self, set_name: str, checkpoints: Sequence[str] | None = None) -> int:
+        """Rows stored for every one of `checkpoints` (all checkpoints written when None)."""
+        rec = self.set_info(set_name)
+        names = checkpoints if checkpoints is not None else list(rec["written"])
+        return min((rec["written"].get(c, 0) for c in names), default=0)
+
+    def read(self, set_name: str, checkpoint: str, encoding: str) -> quant.QuantizedRows:
+        """The stored rows of one (set, checkpoint, encoding), copied out of the store."""
+        parts = [(b.payload.copy(), b.scale.copy(), b.norm.copy())
+                 for _, (b,), _ in self.scan(set_name, [checkpoint], encoding)]
+        row_bytes = parse_encoding(encoding).row_bytes(self.dim)
+        if not parts:
+            return quant.QuantizedRows(np.zeros((0, row_bytes), np.uint8), np.zeros(0, np.float32),
+                                       np.zeros(0, np.float32))
+        return quant.QuantizedRows(*(np.concatenate(p) for p in zip(*parts)))
+
+    def query(self, text: str):
+        """Run a query (see docs/query.md): a Result with .ids, .scores, .rows, .plan.
+
+        ``EXPLAIN ...`` returns the Plan without scanning.
+        """
+        from .query import run
+
+        return run(self, text)
+
+    def vectors(self, set_name: str, checkpoint: str, encoding: str = "f16") -> np.ndarray:
+        """Dequantized float32 vectors (n, dim) of one set at one checkpoint, in row order."""
+        rows = self.read(set_name, checkpoint, encoding)
+        return quant.dequantize(rows.payload, rows.scale, encoding, self.dim)
+
+
+def _row_record(row_id: str, subtask, metadata: dict, set_name: str) -> dict:
+    if not isinstance(metadata, dict):
+        raise SchemaMismatchError(f"set {set_name!r}: metadata of id {row_id!r} must be a dict")
+    record = dict(metadata)
+    record["id"] = row_id
+    record["subtask"] = subtask if subtask is not None else metadata.get("subtask")
+    try:
+        _dumps(record)
+    except (TypeError, ValueError) as exc:
+        raise SchemaMismatchError(f"set {set_name!r}: metadata of id {row_id!r} is not JSON: {exc}") from None
+    return record
+
+
+def _check_unique(ids: list[str], set_name: str) -> None:
+    seen: dict[str, int] = {}
+    for i, row_id in enumerate(ids):
+        if row_id in seen:
+            raise DuplicateIdError(
+                f"set {set_name!r}: id {row_id!r} appears twice in one batch (positions {seen[row_id]} and {i})")
+        seen[row_id] = i
+
+
+def _listing(names) -> str:
+    names = list(names)
+    return ", ".join(names) if names else "(none)"

@@ -1,0 +1,181 @@
+import multiprocessing
+import pickle
+
+import numpy as np
+import pytest
+
+import gradstore
+from gradstore import (
+    DuplicateIdError,
+    FormatVersionError,
+    InvalidVectorError,
+    ReadOnlyError,
+    SchemaMismatchError,
+    StoreExistsError,
+    StoreNotFoundError,
+    UnknownNameError,
+)
+from gradstore import quant
+
+DIM = 70  # not a multiple of 64 or 8
+
+
+@pytest.fixture
+def tmp_store(tmp_path):
+    """A store with a tiny map (so growth really happens) and tiny blocks (so rows span blocks)."""
+    store = gradstore.create(tmp_path / "s", dim=DIM, projection={"kind": "sparse-rademacher", "seed": 0},
+                             map_size=64 << 10, block_bytes=64)
+    store.add_checkpoint("epoch-1", lr=2e-5, step=10, epoch=1)
+    store.add_checkpoint("epoch-2", lr=1e-5, step=20, epoch=2)
+    yield store
+    store.close()
+
+
+def rand(n, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+
+
+def test_round_trip_across_blocks_and_batches(tmp_store):
+    x = rand(50)
+    ids = [f"r{i}" for i in range(50)]
+    for lo, hi in [(0, 7), (7, 8), (8, 31), (31, 50)]:  # batches cut inside blocks
+        tmp_store.write("train", "epoch-1", x[lo:hi], ids[lo:hi], encodings=("f32", "absmax8", "sign1"),
+                        metadata=[{"source": "dolly", "tokens": i} for i in range(lo, hi)])
+    assert tmp_store.ids("train") == ids
+    np.testing.assert_allclose(tmp_store.vectors("train", "epoch-1", "f32"), x, rtol=1e-6, atol=1e-6)
+    expected = quant.quantize(x, "absmax8")
+    stored = tmp_store.read("train", "epoch-1", "absmax8")
+    np.testing.assert_array_equal(stored.payload, expected.payload)
+    np.testing.assert_array_equal(stored.scale, expected.scale)
+    assert tmp_store.rows("train")[3] == {"id": "r3", "subtask": None, "source": "dolly", "tokens": 3}
+    # tiny blocks: the f32 layout holds one row per block, sign1 several
+    assert tmp_store.set_info("train")["encodings"]["sign1"]["block_rows"] == 4
+    # the map grew from 64 KiB
+    assert tmp_store.env.info()["map_size"] > 64 << 10
+
+
+def test_checkpoints_in_creation_order_and_reopen(tmp_store, tmp_path):
+    assert tmp_store.checkpoint_names() == ["epoch-1", "epoch-2"]
+    assert tmp_store.checkpoints()[1]["lr"] == 1e-5
+    tmp_store.add_checkpoint("epoch-1", lr=2e-5)  # identical: no-op
+    with pytest.raises(SchemaMismatchError, match="already exists with lr"):
+        tmp_store.add_checkpoint("epoch-1", lr=3e-5)
+    tmp_store.write("b", "epoch-1", rand(2), ["x", "y"], encodings=["sign1"])
+    tmp_store.write("a", "epoch-1", rand(2), ["x", "y"], encodings=["sign1"])
+    tmp_store.close()
+    with gradstore.open(tmp_path / "s") as store:
+        assert store.sets() == ["b", "a"]
+        assert store.meta["projection"] == {"kind": "sparse-rademacher", "seed": 0}
+
+
+def test_second_checkpoint_follows_the_set_order(tmp_store):
+    x = rand(6)
+    ids = list("abcdef")
+    tmp_store.write("train", "epoch-1", x, ids, encodings=["f32"])
+    tmp_store.write("train", "epoch-2", 2 * x[:4], ids[:4], encodings=["f32"])
+    assert tmp_store.written_ids("train", "epoch-2") == set("abcd")
+    assert tmp_store.n_rows("train", ["epoch-1", "epoch-2"]) == 4
+    with pytest.raises(SchemaMismatchError, match="row 4 of the set is 'e', but 'f' was given"):
+        tmp_store.write("train", "epoch-2", x[5:], ["f"], encodings=["f32"])
+    with pytest.raises(DuplicateIdError, match="'a' is already written to train/epoch-2"):
+        tmp_store.write("train", "epoch-2", x[:1], ["a"], encodings=["f32"])
+    tmp_store.write("train", "epoch-2", 2 * x[4:], ids[4:], encodings=["f32"])
+    np.testing.assert_allclose(tmp_store.vectors("train", "epoch-2", "f32"), 2 * x, rtol=1e-6)
+
+
+def test_bad_input_is_refused_and_nothing_is_written(tmp_store):
+    x = rand(3)
+    cases = [
+        (dict(vectors=rand(3)[:, :5]), SchemaMismatchError, r"shape \(n, 70\)"),
+        (dict(vectors=np.where(np.arange(DIM) == 4, np.nan, x)), InvalidVectorError, "row 0 .*NaN or inf"),
+        (dict(ids=["a", "b", "a"]), DuplicateIdError, "'a' appears twice"),
+        (dict(checkpoint="epoch-9"), UnknownNameError, "unknown checkpoint 'epoch-9'; the store has: epoch-1, epoch-2"),
+        (dict(encodings=["absmax3"]), UnknownNameError, "unknown encoding 'absmax3'"),
+        (dict(encodings=["absmax8-global"]), SchemaMismatchError, "requantize"),
+        (dict(ids=["a", "b"]), SchemaMismatchError, "2 ids for 3 vectors"),
+    ]
+    for change, error, message in cases:
+        args = dict(set_name="train", checkpoint="epoch-1", vectors=x, ids=["a", "b", "c"], encodings=["sign1"])
+        args.update(change)
+        with pytest.raises(error, match=message):
+            tmp_store.write(**args)
+    assert tmp_store.sets() == []
+    inf = x.copy()
+    inf[2, 0] = np.inf
+    with pytest.raises(InvalidVectorError, match="row 2 \\(id 'c'\\)"):
+        tmp_store.write("train", "epoch-1", inf, ["a", "b", "c"])
+    tmp_store.write("train", "epoch-1", x, ["a", "b", "c"], encodings=["sign1"])
+    with pytest.raises(SchemaMismatchError, match="holds encodings sign1; this write has f16"):
+        tmp_store.write("train", "epoch-1", x, ["d", "e", "f"], encodings=["f16"])
+    with pytest.raises(SchemaMismatchError, match="is a train set, not task"):
+        tmp_store.write("train", "epoch-1", x, ["d", "e", "f"], kind="task", encodings=["sign1"])
+    with pytest.raises(DuplicateIdError, match="'b' is already written"):
+        tmp_store.write("train", "epoch-1", x[:1], ["b"], encodings=["sign1"])
+    assert tmp_store.ids("train") == ["a", "b", "c"]
+
+
+def test_unknown_names_list_what_exists(tmp_store):
+    tmp_store.write("train", "epoch-1", rand(2), ["a", "b"], encodings=["sign1"])
+    with pytest.raises(UnknownNameError, match="unknown set 'mmlu'; the store has: train"):
+        tmp_store.vectors("mmlu", "epoch-1", "sign1")
+    with pytest.raises(UnknownNameError, match="has no encoding 'f16'; it holds: sign1"):
+        tmp_store.vectors("train", "epoch-1", "f16")
+
+
+def test_open_errors(tmp_path, tmp_store):
+    with pytest.raises(StoreNotFoundError, match="not a gradstore store"):
+        gradstore.open(tmp_path)
+    with pytest.raises(StoreExistsError, match="a store already exists"):
+        gradstore.create(tmp_path / "s", dim=4)
+    ro = gradstore.open(tmp_path / "s")
+    with pytest.raises(ReadOnlyError, match="open read-only"):
+        ro.write("train", "epoch-1", rand(1), ["z"])
+    with pytest.raises(ReadOnlyError):
+        ro.add_checkpoint("e3", lr=1.0)
+    ro.close()
+
+
+def test_newer_format_is_refused(tmp_path):
+    store = gradstore.create(tmp_path / "s", dim=4)
+    store.meta["format_version"] = 99
+
+    def bump(txn):
+        txn.put(b"meta", __import__("json").dumps(store.meta).encode(), db=store._dbs["meta"])
+
+    store._write_txn(bump)
+    store.close()
+    with pytest.raises(FormatVersionError, match="format version 99 is newer"):
+        gradstore.open(tmp_path / "s")
+
+
+def test_task_sets_keep_subtasks_in_first_seen_order(tmp_store):
+    tmp_store.write("mmlu", "epoch-1", rand(5), list("abcde"), kind="task", encodings=["f16"],
+                    subtasks=["law", "law", "art", "law", "bio"])
+    info = tmp_store.set_info("mmlu")
+    assert info["subtasks"] == ["law", "art", "bio"] and info["kind"] == "task"
+    assert [r["subtask"] for r in tmp_store.rows("mmlu")] == ["law", "law", "art", "law", "bio"]
+
+
+def _child_reads(path, queue):
+    with gradstore.open(path) as store:
+        queue.put(store.ids("train"))
+
+
+def test_spawned_workers_and_pickle_reopen(tmp_store):
+    tmp_store.write("train", "epoch-1", rand(3), ["a", "b", "c"], encodings=["sign1"])
+    clone = pickle.loads(pickle.dumps(tmp_store))
+    assert clone.ids("train") == ["a", "b", "c"] and clone.readonly is False
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_reads, args=(tmp_store.path, queue))
+    proc.start()
+    assert queue.get(timeout=60) == ["a", "b", "c"]
+    proc.join(60)
+    assert proc.exitcode == 0
+
+
+def test_one_environment_per_path(tmp_store, tmp_path):
+    other = gradstore.open(tmp_path / "s")
+    assert other.env is tmp_store.env
+    other.close()  # the shared environment stays open for the other handle
+    assert tmp_store.checkpoint_names() == ["epoch-1", "epoch-2"]
