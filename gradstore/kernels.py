@@ -1,0 +1,539 @@
+"""Numba kernels over packed rows: XOR-popcount, packed k-bit dot, float queries x packed rows.
+
+Rows are uint8 arrays ``(n, row_bytes)`` in the layout of :mod:`gradstore.encodings`
+(``row_bytes`` a multiple of 8). They may be read-only (``np.frombuffer`` over an LMDB
+buffer) and need not be aligned; every kernel accepts both.
+
+Implementations and their trade-offs:
+
+- ``sign_dot`` / ``sign_subtask_means``: ``<s_a, s_b> = dim - 2 popcount(a XOR b)`` over
+  uint64 words, LLVM ``ctpop`` (vectorized to ``vpopcntq`` where the CPU has it). Four
+  rows share each load of a query word. A row block that is not 8-byte aligned is viewed
+  as unaligned uint64 (measured as fast as an aligned copy on x86, so no copy is made).
+- ``int_dot`` / ``int_subtask_means`` (bits 8, 4, 2): the query side is unpacked once into
+  signed int8 level planes; a row's fields stay unsigned (``u = level + o``, ``o = 2**(k-1)``)
+  and ``<l_a, l_b> = sum(u_a * l_b) - o * sum(l_b)``. The product sum is a hand-written
+  LLVM loop over 64-byte chunks, 4 rows x 4 queries per step: ``vpdpbusd`` (AVX-512 VNNI,
+  u8 x s8 -> int32) where the CPU has it, else plain widening multiplies. Padding fields
+  hold level 0, so they add nothing.
+- ``float_dot``: float rows go straight to BLAS; packed rows are unpacked block by block
+  (numba, parallel) to float32 and multiplied with BLAS; sign rows use
+  ``<s, q> = 2 sum_{bit=1} q - sum q``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import llvmlite.binding as _llvm
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .encodings import Encoding, parse_encoding
+from .errors import SchemaMismatchError
+
+__all__ = [
+    "sign_dot",
+    "int_dot",
+    "float_dot",
+    "sign_subtask_means",
+    "int_subtask_means",
+    "HAS_VNNI",
+]
+
+_JIT = dict(nogil=True, fastmath=True, cache=True)
+_PJIT = dict(parallel=True, **_JIT)
+
+
+def _host_has_vnni() -> bool:
+    # GRADSTORE_NO_VNNI=1 forces the portable loop (read at import: numba caches per
+    # CPU, so set it together with a fresh NUMBA_CACHE_DIR when testing the fallback).
+    if os.environ.get("GRADSTORE_NO_VNNI"):
+        return False
+    try:
+        features = _llvm.get_host_cpu_features()
+        return bool(features.get("avx512vnni")) and bool(features.get("avx512bw"))
+    except RuntimeError:
+        return False
+
+
+HAS_VNNI = _host_has_vnni()
+
+# ----------------------------------------------------------------------------------------
+# LLVM building blocks
+# ----------------------------------------------------------------------------------------
+
+
+@intrinsic
+def _popcount(typingctx, x):
+    """popcount of one integer (LLVM ctpop)."""
+    if isinstance(x, types.Integer):
+
+        def codegen(context, builder, signature, args):
+            return builder.ctpop(args[0])
+
+        return x(x), codegen
+    return None
+
+
+_I8 = ir.IntType(8)
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_V64I8 = ir.VectorType(_I8, 64)
+_V16I32 = ir.VectorType(_I32, 16)
+_V64I32 = ir.VectorType(_I32, 64)
+
+
+def _declare(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _make_udot(R: int, C: int):
+    """An intrinsic ``f(a, i, planes, j, nchunks) -> UniTuple(int32, R*C)``.
+
+    Entry ``r*C + c`` is ``sum_p sum_t field_t(a[i+r, p]) * planes[j+c, t, p]`` over the
+    first ``nchunks * 64`` bytes, fields unsigned k-bit (k = 8 / planes.shape[1]) and planes
+    signed int8. Rows of ``a`` and ``planes`` must be C-contiguous in their last axis.
+    """
+
+    @intrinsic
+    def udot(typingctx, a, i, planes, j, nchunks):
+        ret = types.UniTuple(types.int32, R * C)
+        sig = ret(a, i, planes, j, nchunks)
+
+        def codegen(context, builder, signature, args):
+            aty, ity, pty, jty, nty = signature.args
+            av, iv, pv, jv, nv = args
+            arr_a = context.make_array(aty)(context, builder, av)
+            arr_p = context.make_array(pty)(context, builder, pv)
+            iv = context.cast(builder, iv, ity, types.intp)
+            jv = context.cast(builder, jv, jty, types.intp)
+            nv = context.cast(builder, nv, nty, types.intp)
+            zero = ir.Constant(_I64, 0)
+            nfields = builder.extract_value(arr_p.shape, 1)
+
+            def row_ptr(r):
+                idx = [builder.add(iv, ir.Constant(_I64, r)), zero]
+                return cgutils.get_item_pointer(context, builder, aty, arr_a, idx)
+
+            def plane_ptr(c, t):
+                idx = [builder.add(jv, ir.Constant(_I64, c)), ir.Constant(_I64, t), zero]
+                return cgutils.get_item_pointer(context, builder, pty, arr_p, idx)
+
+            vnni = HAS_VNNI
+            acc_ty = _V16I32 if vnni else _V64I32
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(acc_ty, None))
+                    for _ in range(R * C)]
+            if vnni:
+                dp = _declare(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32,
+                              [_V16I32, _V16I32, _V16I32])
+
+            def mac(acc, x, y):
+                if vnni:
+                    return builder.call(dp, [acc, builder.bitcast(x, _V16I32),
+                                             builder.bitcast(y, _V16I32)])
+                return builder.add(acc, builder.mul(builder.zext(x, _V64I32),
+                                                    builder.sext(y, _V64I32)))
+
+            def emit(bits):
+                nf = 8 // bits
+                pas = [row_ptr(r) for r in range(R)]
+                pqs = [[plane_ptr(c, t) for t in range(nf)] for c in range(C)]
+                mask = ir.Constant(_V64I8, [(1 << bits) - 1] * 64)
+                with cgutils.for_range(builder, nv) as loop:
+                    off = builder.mul(loop.index, ir.Constant(_I64, 64))
+                    rows = [builder.load(builder.bitcast(builder.gep(p, [off]),
+                                                         _V64I8.as_pointer()), align=1)
+                            for p in pas]
+                    for t in range(nf):
+                        if bits == 8:
+                            fields = rows
+                        else:
+                            sh = ir.Constant(_V64I8, [bits * t] * 64)
+                            fields = [builder.and_(builder.lshr(x, sh), mask) for x in rows]
+                        for c in range(C):
+                            q = builder.load(builder.bitcast(builder.gep(pqs[c][t], [off]),
+                                                             _V64I8.as_pointer()), align=1)
+                            for r in range(R):
+                                k = r * C + c
+                                builder.store(mac(builder.load(accs[k]), fields[r], q), accs[k])
+
+            with builder.if_else(builder.icmp_signed("==", nfields, ir.Constant(_I64, 1))) as (
+                    is8, not8):
+                with is8:
+                    emit(8)
+                with not8:
+                    is4 = builder.icmp_signed("==", nfields, ir.Constant(_I64, 2))
+                    with builder.if_else(is4) as (then4, then2):
+                        with then4:
+                            emit(4)
+                        with then2:
+                            emit(2)
+            red = _declare(builder, f"llvm.vector.reduce.add.v{acc_ty.count}i32", _I32,
+                           [acc_ty])
+            vals = [builder.call(red, [builder.load(acc)]) for acc in accs]
+            return context.make_tuple(builder, ret, vals)
+
+        return sig, codegen
+
+    return udot
+
+
+_udot44 = _make_udot(4, 4)
+_udot41 = _make_udot(4, 1)
+_udot14 = _make_udot(1, 4)
+_udot11 = _make_udot(1, 1)
+
+# ----------------------------------------------------------------------------------------
+# Inner helpers (serial; called inside the parallel loops)
+# ----------------------------------------------------------------------------------------
+
+_RB = 4  # rows per block
+
+
+@njit(**_JIT)
+def _sign_block(a, i0, b, dim, out):
+    """out[r, j] = <a[i0 + r], b[j]> (+/-1 dot) for r < out.shape[0]; a, b uint64 words."""
+    nw = a.shape[1]
+    nb = b.shape[0]
+    if out.shape[0] == 4:
+        for j in range(nb):
+            c0 = np.uint64(0)
+            c1 = np.uint64(0)
+            c2 = np.uint64(0)
+            c3 = np.uint64(0)
+            for w in range(nw):
+                y = b[j, w]
+                c0 += _popcount(a[i0, w] ^ y)
+                c1 += _popcount(a[i0 + 1, w] ^ y)
+                c2 += _popcount(a[i0 + 2, w] ^ y)
+                c3 += _popcount(a[i0 + 3, w] ^ y)
+            out[0, j] = dim - 2 * np.int64(c0)
+            out[1, j] = dim - 2 * np.int64(c1)
+            out[2, j] = dim - 2 * np.int64(c2)
+            out[3, j] = dim - 2 * np.int64(c3)
+    else:
+        for r in range(out.shape[0]):
+            for j in range(nb):
+                c = np.uint64(0)
+                for w in range(nw):
+                    c += _popcount(a[i0 + r, w] ^ b[j, w])
+                out[r, j] = dim - 2 * np.int64(c)
+
+
+@njit(**_JIT)
+def _int_tail(a, i, planes, j, p0, bits):
+    """sum over bytes p >= p0 of the field products (the part the 64-byte loop left)."""
+    nf = planes.shape[1]
+    mask = (1 << bits) - 1
+    s = np.int32(0)
+    for p in range(p0, a.shape[1]):
+        x = np.int32(a[i, p])
+        for t in range(nf):
+            s += ((x >> (bits * t)) & mask) * np.int32(planes[j, t, p])
+    return s
+
+
+@njit(**_JIT)
+def _int_block(a, i0, planes, qcorr, bits, out):
+    """out[r, j] = <levels(a[i0 + r]), levels(query j)> for r < out.shape[0]."""
+    nb = planes.shape[0]
+    nbytes = a.shape[1]
+    nch = nbytes // 64
+    p0 = nch * 64
+    R = out.shape[0]
+    if R == 4:
+        j = 0
+        while j + 4 <= nb:
+            t = _udot44(a, i0, planes, j, nch)
+            for r in range(4):
+                for c in range(4):
+                    out[r, j + c] = t[r * 4 + c] - qcorr[j + c]
+            j += 4
+        while j < nb:
+            t1 = _udot41(a, i0, planes, j, nch)
+            for r in range(4):
+                out[r, j] = t1[r] - qcorr[j]
+            j += 1
+    else:
+        for r in range(R):
+            j = 0
+            while j + 4 <= nb:
+                t4 = _udot14(a, i0 + r, planes, j, nch)
+                for c in range(4):
+                    out[r, j + c] = t4[c] - qcorr[j + c]
+                j += 4
+            while j < nb:
+                out[r, j] = _udot11(a, i0 + r, planes, j, nch)[0] - qcorr[j]
+                j += 1
+    if p0 < nbytes:
+        for r in range(R):
+            for j in range(nb):
+                out[r, j] += _int_tail(a, i0 + r, planes, j, p0, bits)
+
+
+# ----------------------------------------------------------------------------------------
+# Parallel kernels
+# ----------------------------------------------------------------------------------------
+
+
+@njit(**_PJIT)
+def _sign_dot_kernel(a, b, dim):
+    na = a.shape[0]
+    out = np.empty((na, b.shape[0]), np.int32)
+    for blk in prange((na + _RB - 1) // _RB):
+        i0 = blk * _RB
+        i1 = min(i0 + _RB, na)
+        _sign_block(a, i0, b, dim, out[i0:i1])
+    return out
+
+
+@njit(**_PJIT)
+def _sign_means_kernel(a, b, sub, counts, dim):
+    na = a.shape[0]
+    nb = b.shape[0]
+    ns = counts.shape[0]
+    out = np.empty((na, ns), np.float32)
+    for blk in prange((na + _RB - 1) // _RB):
+        i0 = blk * _RB
+        i1 = min(i0 + _RB, na)
+        dots = np.empty((i1 - i0, nb), np.int32)
+        _sign_block(a, i0, b, dim, dots)
+        for r in range(i1 - i0):
+            acc = np.zeros(ns, np.int64)
+            for j in range(nb):
+                acc[sub[j]] += dots[r, j]
+            for s in range(ns):
+                out[i0 + r, s] = acc[s] / (counts[s] * np.float64(dim))
+    return out
+
+
+@njit(**_PJIT)
+def _int_dot_kernel(a, planes, qcorr, bits):
+    na = a.shape[0]
+    out = np.empty((na, planes.shape[0]), np.int32)
+    for blk in prange((na + _RB - 1) // _RB):
+        i0 = blk * _RB
+        i1 = min(i0 + _RB, na)
+        _int_block(a, i0, planes, qcorr, bits, out[i0:i1])
+    return out
+
+
+@njit(**_PJIT)
+def _int_means_kernel(a, row_norm, planes, qcorr, val_norm, sub, counts, bits):
+    na = a.shape[0]
+    nb = planes.shape[0]
+    ns = counts.shape[0]
+    out = np.empty((na, ns), np.float32)
+    for blk in prange((na + _RB - 1) // _RB):
+        i0 = blk * _RB
+        i1 = min(i0 + _RB, na)
+        dots = np.empty((i1 - i0, nb), np.int32)
+        _int_block(a, i0, planes, qcorr, bits, dots)
+        for r in range(i1 - i0):
+            acc = np.zeros(ns, np.float64)
+            rn = np.float64(row_norm[i0 + r])
+            if rn != 0.0:
+                for j in range(nb):
+                    vn = np.float64(val_norm[j])
+                    if vn != 0.0:
+                        acc[sub[j]] += dots[r, j] / (rn * vn)
+            for s in range(ns):
+                out[i0 + r, s] = acc[s] / counts[s]
+    return out
+
+
+@njit(**_PJIT)
+def _unpack_kbit(a, bits, dim, out):
+    """out[i, :dim] = signed levels of packed k-bit rows a[i]."""
+    nf = 8 // bits
+    mask = (1 << bits) - 1
+    off = np.float32(1 << (bits - 1))
+    for i in prange(a.shape[0]):
+        for p in range(a.shape[1]):
+            x = np.int32(a[i, p])
+            for t in range(nf):
+                k = p * nf + t
+                if k < dim:
+                    out[i, k] = np.float32((x >> (bits * t)) & mask) - off
+
+
+@njit(**_PJIT)
+def _unpack_sign(a, dim, out):
+    """out[i, :dim] = bits of a[i] as 0.0 / 1.0 (little bit order)."""
+    for i in prange(a.shape[0]):
+        for p in range(a.shape[1]):
+            x = np.int32(a[i, p])
+            for t in range(8):
+                k = p * 8 + t
+                if k < dim:
+                    out[i, k] = np.float32((x >> t) & 1)
+
+
+# ----------------------------------------------------------------------------------------
+# Input checks and views
+# ----------------------------------------------------------------------------------------
+
+
+def _rows(x, name: str, dim: int, bits: int) -> np.ndarray:
+    """Check a packed row array; return it C-contiguous uint8 (no copy when it already is)."""
+    x = np.asarray(x)
+    if x.dtype != np.uint8 or x.ndim != 2:
+        raise SchemaMismatchError(
+            f"{name}: expected packed rows as a 2-D uint8 array, got {x.dtype} {x.shape}")
+    if x.shape[1] % 8:
+        raise SchemaMismatchError(f"{name}: row_bytes {x.shape[1]} is not a multiple of 8")
+    need = (dim * bits + 7) // 8
+    if x.shape[1] < need:
+        raise SchemaMismatchError(
+            f"{name}: rows of {x.shape[1]} bytes cannot hold {dim} values of {bits} bits")
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    return x
+
+
+def _words(x: np.ndarray) -> np.ndarray:
+    """uint64 view of C-contiguous uint8 rows; unaligned memory stays unaligned (no copy)."""
+    return x.view(np.uint64)
+
+
+def _check_pair(a, b):
+    if a.shape[1] != b.shape[1]:
+        raise SchemaMismatchError(
+            f"row widths differ: {a.shape[1]} vs {b.shape[1]} bytes (different dim or encoding)")
+
+
+def _check_bits(bits: int) -> int:
+    if bits not in (8, 4, 2):
+        raise SchemaMismatchError(f"int kernels take bits 8, 4 or 2, got {bits}")
+    return int(bits)
+
+
+def _query_planes(b: np.ndarray, bits: int):
+    """Signed int8 levels of packed rows b, as (nb, 8/bits, row_bytes) planes + o * sum."""
+    nf = 8 // bits
+    mask = (1 << bits) - 1
+    o = 1 << (bits - 1)
+    planes = np.empty((b.shape[0], nf, b.shape[1]), np.int8)
+    for t in range(nf):
+        planes[:, t, :] = (((b >> (bits * t)) & mask).astype(np.int16) - o).astype(np.int8)
+    qcorr = (o * planes.astype(np.int64).sum(axis=(1, 2))).astype(np.int32)
+    return planes, qcorr
+
+
+def _subtasks(starts, nvals: int):
+    starts = np.asarray(starts, dtype=np.int64)
+    if starts.ndim != 1 or len(starts) < 2:
+        raise SchemaMismatchError("starts: expected S + 1 offsets, S >= 1")
+    if starts[0] != 0 or starts[-1] != nvals:
+        raise SchemaMismatchError(
+            f"starts must run from 0 to the number of vals ({nvals}), got {starts[0]}..{starts[-1]}")
+    counts = np.diff(starts)
+    if (counts <= 0).any():
+        s = int(np.flatnonzero(counts <= 0)[0])
+        raise SchemaMismatchError(f"subtask {s} is empty (starts must strictly increase)")
+    sub = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    return sub, counts.astype(np.int64)
+
+
+def _norms(x, n: int, name: str) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    if x.shape[0] != n:
+        raise SchemaMismatchError(f"{name}: expected {n} norms, got {x.shape[0]}")
+    return x
+
+
+# ----------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------
+
+
+def sign_dot(a, b, dim: int) -> np.ndarray:
+    """int32 (na, nb): <+/-1 levels of a[i], +/-1 levels of b[j]> = dim - 2 popcount(a ^ b)."""
+    a = _rows(a, "a", dim, 1)
+    b = _rows(b, "b", dim, 1)
+    _check_pair(a, b)
+    return _sign_dot_kernel(_words(a), _words(b), int(dim))
+
+
+def int_dot(a, b, bits: int, dim: int) -> np.ndarray:
+    """int32 (na, nb): <levels(a[i]), levels(b[j])> for packed k-bit rows (k = 8, 4, 2)."""
+    bits = _check_bits(bits)
+    a = _rows(a, "a", dim, bits)
+    b = _rows(b, "b", dim, bits)
+    _check_pair(a, b)
+    planes, qcorr = _query_planes(b, bits)
+    return _int_dot_kernel(a, planes, qcorr, bits)
+
+
+def sign_subtask_means(rows, vals, starts, dim: int) -> np.ndarray:
+    """float32 (n, S): mean over v in vals[starts[s]:starts[s+1]] of <row, v> / dim (sign1)."""
+    rows = _rows(rows, "rows", dim, 1)
+    vals = _rows(vals, "vals", dim, 1)
+    _check_pair(rows, vals)
+    sub, counts = _subtasks(starts, vals.shape[0])
+    return _sign_means_kernel(_words(rows), _words(vals), sub, counts, int(dim))
+
+
+def int_subtask_means(rows, row_norm, vals, val_norm, starts, bits: int, dim: int) -> np.ndarray:
+    """float32 (n, S): mean over v in subtask s of <row, v> / (|row| |v|); 0 where a norm is 0."""
+    bits = _check_bits(bits)
+    rows = _rows(rows, "rows", dim, bits)
+    vals = _rows(vals, "vals", dim, bits)
+    _check_pair(rows, vals)
+    row_norm = _norms(row_norm, rows.shape[0], "row_norm")
+    val_norm = _norms(val_norm, vals.shape[0], "val_norm")
+    sub, counts = _subtasks(starts, vals.shape[0])
+    planes, qcorr = _query_planes(vals, bits)
+    return _int_means_kernel(rows, row_norm, planes, qcorr, val_norm, sub, counts, bits)
+
+
+_FLOAT_BLOCK = 1024  # rows unpacked to float32 at a time (32 MiB at d = 8192)
+
+
+def float_dot(rows, enc: Encoding | str, dim: int, queries) -> np.ndarray:
+    """float32 (n, q): <levels(row_i), query_j> for rows of any encoding (no scale applied).
+
+    ``queries`` is float (q, dim), or (dim,) for a single query (the result is then (n, 1)).
+    """
+    if isinstance(enc, str):
+        enc = parse_encoding(enc)
+    q = np.asarray(queries, dtype=np.float32)
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise SchemaMismatchError(f"queries: expected shape (q, {dim}), got {np.shape(queries)}")
+    rows = _rows(rows, "rows", dim, enc.bits)
+    if rows.shape[1] != enc.row_bytes(dim):
+        raise SchemaMismatchError(
+            f"rows: {rows.shape[1]} bytes per row, but {enc.name} at dim {dim} stores "
+            f"{enc.row_bytes(dim)}")
+    n = rows.shape[0]
+    qt = np.ascontiguousarray(q.T)
+    out = np.empty((n, q.shape[0]), np.float32)
+    if enc.kind == "f32" or enc.kind == "f16":
+        dt = np.dtype("<f4") if enc.kind == "f32" else np.dtype("<f2")
+        for i0 in range(0, n, _FLOAT_BLOCK):
+            blk = rows[i0:i0 + _FLOAT_BLOCK].view(dt)[:, :dim]
+            np.matmul(blk.astype(np.float32), qt, out=out[i0:i0 + _FLOAT_BLOCK])
+        return out
+    buf = np.empty((min(n, _FLOAT_BLOCK), dim), np.float32)
+    if enc.kind == "sign":
+        qsum = q.astype(np.float64).sum(axis=1).astype(np.float32)
+        for i0 in range(0, n, _FLOAT_BLOCK):
+            blk = rows[i0:i0 + _FLOAT_BLOCK]
+            m = blk.shape[0]
+            _unpack_sign(blk, dim, buf[:m])
+            np.matmul(buf[:m], qt, out=out[i0:i0 + m])
+            out[i0:i0 + m] *= 2.0
+            out[i0:i0 + m] -= qsum
+        return out
+    for i0 in range(0, n, _FLOAT_BLOCK):
+        blk = rows[i0:i0 + _FLOAT_BLOCK]
+        m = blk.shape[0]
+        _unpack_kbit(blk, enc.bits, dim, buf[:m])
+        np.matmul(buf[:m], qt, out=out[i0:i0 + m])
+    return out
