@@ -360,7 +360,7 @@ class Store:
         cur = txn.cursor(db=self._dbs["rows"])
         if cur.set_range(_row_key(set_id, start)):
             for k, v in cur:
-                if not k.startswith(prefix):
+                if not bytes(k).startswith(prefix):
                     break
                 yield _loads(v)
 
@@ -560,6 +560,41 @@ class Store:
             return quant.QuantizedRows(np.zeros((0, row_bytes), np.uint8), np.zeros(0, np.float32),
                                        np.zeros(0, np.float32))
         return quant.QuantizedRows(*(np.concatenate(p) for p in zip(*parts)))
+
+    def info(self) -> dict:
+        """A JSON-safe summary: dim, projection, model, checkpoints, sets with bytes per encoding."""
+        with self.env.begin(buffers=True) as txn:
+            ckpts = [_loads(v) for _, v in txn.cursor(db=self._dbs["checkpoints"])]
+            sets = []
+            for k, v in txn.cursor(db=self._dbs["sets"]):
+                rec = _loads(v)
+                sizes = {}
+                for enc in rec["encodings"]:
+                    total = 0
+                    for ci in range(len(ckpts)):
+                        prefix = _block_prefix(rec["id"], ci, enc)
+                        cur = txn.cursor(db=self._dbs["blocks"])
+                        if cur.set_range(prefix):
+                            for bk, bv in cur:
+                                if not bytes(bk).startswith(prefix):
+                                    break
+                                total += len(bv)
+                    sizes[enc] = total
+                sets.append((rec["id"], bytes(k).decode(), {
+                    "kind": rec["kind"], "rows": rec["n_rows"], "subtasks": len(rec["subtasks"]),
+                    "written": rec["written"], "encodings": sizes,
+                }))
+        return {
+            "path": self.path,
+            "format_version": self.meta["format_version"],
+            "dim": self.dim,
+            "projection": self.meta["projection"],
+            "model": self.meta["model"],
+            "lora": self.meta["lora"],
+            "checkpoints": ckpts,
+            "sets": {name: summary for _, name, summary in sorted(sets)},
+            "file_bytes": os.path.getsize(os.path.join(self.path, _DATA_FILE)),
+        }
 
     def query(self, text: str):
         """Run a query (see docs/query.md): a Result with .ids, .scores, .rows, .plan.
