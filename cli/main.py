@@ -1,8 +1,33 @@
-"""The `gradstore` command line: thin click commands over the gradstore and qless libraries."""
+"""The `gradstore` command line: thin click commands over the gradstore and qless libraries.
+
+Each command opens the store, calls one library function and formats what it returns;
+library errors become `Error: ...` with exit status 1, usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import functools
 
 import click
 
 import gradstore
+from gradstore.query import compose
+from gradstore.query.planner import Plan
+
+from .output import emit, note, output_options, silent_option, store_option
+
+
+def handle_errors(fn):
+    """Map the libraries' named errors to click's one-line `Error: ...` (exit 1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (gradstore.GradstoreError, ValueError, OSError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,3 +39,83 @@ def cli() -> None:
 
         gradstore query --task mmlu --k 5%
     """
+
+
+@cli.command()
+@click.argument("query_text", required=False, metavar="[QUERY]")
+@click.option("--task", "-t", "tasks", multiple=True, help="Target task set (repeatable).")
+@click.option("--k", "k", default="5%", show_default=True, help="How many to select: a count or a percentage.")
+@click.option("--set", "set_name", help="Training set to select from (default: the store's only one).")
+@click.option("--encoding", help="Encoding to score with (default: chosen by the planner).")
+@click.option("--mode", type=click.Choice(["symmetric", "asymmetric"]), help="Quantize the task side too?")
+@click.option("--agg", type=click.Choice(["max", "mean"]), help="Across subtasks (LESS: max, QLESS: mean).")
+@click.option("--combine", type=click.Choice(["mean", "max", "sum"]), help="Across several tasks.")
+@click.option("--checkpoints", help="Comma-separated checkpoint names (default: all).")
+@click.option("--weight", type=click.Choice(["lr", "uniform"]), help="Checkpoint weights.")
+@click.option("--where", help="Filter on row metadata, e.g. \"source = 'dolly'\".")
+@click.option("--explain", is_flag=True, help="Print the plan; do not scan.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the selected source records here (JSONL).")
+@store_option()
+@output_options
+@silent_option
+@handle_errors
+def query(query_text, tasks, k, set_name, encoding, mode, agg, combine, checkpoints, weight, where,
+          explain, out, store_path, fmt, silent):
+    """Select the training rows that help a task most.
+
+    Either flags (compiled to the query language) or one QUERY string; see docs/query.md.
+
+    Example:
+
+        gradstore query --task mmlu --k 5%
+
+        gradstore query "TOP 1000 FROM train BY mmlu, bbh WHERE source = 'dolly'" --table
+    """
+    flags = dict(set_name=set_name, encoding=encoding, mode=mode, agg=agg, combine=combine,
+                 checkpoints=checkpoints, weight=weight, where=where)
+    if query_text and (tasks or any(flags.values())):
+        raise click.UsageError("give either a QUERY string or --task and other flags, not both")
+    if not query_text and not tasks:
+        raise click.UsageError("give a QUERY string or at least one --task")
+    with gradstore.open(store_path) as store:
+        text = query_text or compose(store, tasks, k, **flags)
+        if explain and not text.lstrip().upper().startswith("EXPLAIN"):
+            text = "EXPLAIN " + text
+        result = store.query(text)
+        if isinstance(result, Plan):
+            click.echo(str(result))
+            return
+        note(f"{len(result)} rows selected by: {result.plan.query.to_text()}", silent)
+        emit(result.to_dicts(), fmt, ["rank", "id", "score", "source", "category", "subtask"]
+             if fmt == "table" else None)
+        if out:
+            from qless.selection import write_selected
+
+            n = write_selected(result.records, out)
+            note(f"wrote {n} source records to {out}", silent)
+
+
+@cli.command()
+@store_option()
+@output_options
+@handle_errors
+def info(store_path, fmt):
+    """Describe a store: sets, rows, subtasks, checkpoints, encodings and their bytes.
+
+    Example:
+
+        gradstore info --store ./gradstore --table
+    """
+    with gradstore.open(store_path) as store:
+        summary = store.info()
+    if fmt == "json":
+        emit([summary], "json")
+        return
+    rows = [{"set": name, "kind": s["kind"], "rows": s["rows"], "subtasks": s["subtasks"],
+             "encoding": enc, "bytes": size}
+            for name, s in summary["sets"].items() for enc, size in s["encodings"].items()]
+    click.echo(f"store {summary['path']}: dim {summary['dim']}, projection {summary['projection']},"
+               f" {summary['file_bytes']} bytes on disk")
+    emit([{"checkpoint": c["name"], "lr": c["lr"], "step": c["step"], "epoch": c["epoch"]}
+          for c in summary["checkpoints"]], fmt)
+    emit(rows, fmt)

@@ -1,0 +1,102 @@
+"""CLI tests: exact messages and exit codes (CliRunner), every command documented."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import gradstore
+from gradstore_cli.main import cli
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    path = tmp_path / "st"
+    rng = np.random.default_rng(0)
+    with gradstore.create(path, dim=64) as st:
+        st.add_checkpoint("e1", lr=1e-5)
+        st.write("train", "e1", rng.standard_normal((40, 64)).astype("f4"), [f"z{i}" for i in range(40)],
+                 encodings=["f16", "absmax8", "sign1"],
+                 metadata=[{"source": "dolly" if i % 2 else "flan", "category": "qa"} for i in range(40)])
+        st.write("mmlu", "e1", rng.standard_normal((4, 64)).astype("f4"), list("abcd"), kind="task",
+                 encodings=["f16", "absmax8", "sign1"], subtasks=["x", "x", "y", "z"])
+    return str(path)
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(cli, list(args), env=env)
+
+
+def test_every_command_has_help_with_an_example():
+    for name, command in cli.commands.items():
+        result = run(name, "-h")
+        assert result.exit_code == 0, name
+        assert "Example:" in result.output, f"`gradstore {name}` has no Example: block"
+
+
+def test_query_flags_form_matches_the_query_string_form(store_path):
+    flags = run("query", "--store", store_path, "--task", "mmlu", "--k", "5%")
+    text = run("query", "--store", store_path, "TOP 5% FROM train BY mmlu")
+    assert flags.exit_code == 0 and text.exit_code == 0
+    assert flags.stdout == text.stdout
+    rows = [json.loads(line) for line in flags.stdout.splitlines()]
+    assert [r["rank"] for r in rows] == [1, 2]  # floor(40 * 5%) = 2
+    with gradstore.open(store_path) as st:
+        assert [r["id"] for r in rows] == st.query("TOP 2 FROM train BY mmlu").ids
+
+
+def test_store_comes_from_the_environment(store_path):
+    result = run("query", "--task", "mmlu", "--k", "3", "--csv", env={"GRADSTORE_PATH": store_path})
+    assert result.exit_code == 0
+    assert result.stdout.splitlines()[0] == "rank,id,score,row,category,source,subtask"
+    assert len(result.stdout.splitlines()) == 4
+
+
+def test_where_and_table(store_path):
+    result = run("query", "--store", store_path, "-t", "mmlu", "--k", "3", "--where", "source = 'dolly'", "--table")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["rank", "id", "score", "source", "category", "subtask"]
+    assert all(line.split()[3] == "dolly" for line in lines[2:]) and len(lines) == 5
+
+
+def test_explain_prints_the_plan(store_path):
+    result = run("query", "--store", store_path, "-t", "mmlu", "--encoding", "sign1", "--explain")
+    assert result.exit_code == 0
+    assert result.stdout.splitlines()[:3] == [
+        "QUERY      EXPLAIN TOP 5% FROM train BY mmlu ENCODING sign1",
+        "SCAN       train: 40 rows in blocks, top 2 by a bounded heap",
+        "ENCODING   sign1 (symmetric)",
+    ]
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["query", "-t", "bbh"], 1, "Error: unknown task 'bbh'; the store has: mmlu\n"),
+    (["query", "TOP 5 FROM train BY"], 1, "Error: column 20: expected a task name after BY, found end of query\n"),
+    (["query", "-t", "mmlu", "--encoding", "absmax3"], 1,
+     "Error: unknown encoding 'absmax3': expected one of f32, f16, absmax8, absmax4, absmax2, absmean8,"
+     " absmean4, absmean2, sign1 (quantized ones may add -global and/or -centered)\n"),
+    (["query"], 2, "Error: give a QUERY string or at least one --task\n"),
+    (["query", "TOP 5 FROM train BY mmlu", "-t", "mmlu"], 2,
+     "Error: give either a QUERY string or --task and other flags, not both\n"),
+])
+def test_errors_are_one_line_with_exit_codes(store_path, args, code, message):
+    result = run(*args, "--store", store_path)
+    assert result.exit_code == code
+    assert result.stderr.endswith(message)
+
+
+def test_missing_store(tmp_path):
+    result = run("info", "--store", str(tmp_path / "nope"))
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {tmp_path / 'nope'}: not a gradstore store (no data.mdb)\n"
+
+
+def test_info(store_path):
+    result = run("info", "--store", store_path)
+    summary = json.loads(result.stdout)
+    assert summary["dim"] == 64 and [c["name"] for c in summary["checkpoints"]] == ["e1"]
+    assert summary["sets"]["mmlu"]["subtasks"] == 3 and summary["sets"]["train"]["rows"] == 40
+    sign1 = summary["sets"]["train"]["encodings"]["sign1"]
+    assert 40 * 8 <= sign1 <= 40 * 8 + 40 * 8 + 64  # packed bits + scale/norm + header
