@@ -1,0 +1,486 @@
+"""LESS step 1, the warmup: train LoRA adapters and keep one checkpoint per epoch.
+
+The training loop follows what LESS gets from the HF Trainer with its scripts
+(`less/scripts/train/base_training_args.sh`): AdamW (torch, betas 0.9/0.999, eps 1e-8),
+lr 2e-5, linear decay with `ceil(3% of the steps)` warmup steps (the first step runs at lr 0,
+as in the Trainer), weight decay 0, gradient clipping at norm 1.0 (the Trainer's default),
+per-device batch 1 with 32 gradient accumulation steps, 4 epochs, seed 0.
+
+Loss: response tokens only (labels -100 elsewhere). Each example's loss is the mean over its
+response tokens, and a step's loss is the mean over the examples in the step, so batch 1 with
+accumulation 32 is what LESS's Trainer computed; padded micro-batches (`batch_size > 1`) give
+the same step up to float rounding.
+
+Steps per epoch: `ceil(n / (batch_size * grad_accum))`, the last step of an epoch taking the
+remainder (the Trainer since transformers 4.46). LESS ran an older Trainer whose accumulation ran
+on across epoch boundaries and stopped at `epochs * floor(n / 32)` steps (its checkpoints 422,
+845, 1268, 1688 for 13,533 examples; ours are 423, 846, 1269, 1692). The per-epoch remainder
+keeps each epoch's checkpoint an exact training state, so a run can resume from it.
+
+Checkpoint folder `out_dir/epoch-{i}/` (written as `.epoch-{i}.tmp-*` and renamed when whole, so
+a killed warmup never leaves a folder that looks complete; `qless_checkpoint.json` is the last
+file written):
+    adapter_config.json, adapter_model.safetensors   the PEFT adapter (`model.save_pretrained`)
+    optimizer_state.safetensors                      Adam moments keyed by parameter name
+    qless_checkpoint.json                            name, epoch, step, lr (the mean lr of the
+                                                     epoch's steps, LESS's checkpoint weight),
+                                                     optimizer, lora, seed, n_examples, run, ...
+
+Determinism: the data order of epoch e is `numpy.random.default_rng([seed, e]).permutation(n)`
+and torch's generator (LoRA dropout) is re-seeded from (seed, e) at the start of each epoch, inside
+`torch.random.fork_rng` so the caller's generators are left alone. So a run resumed after epoch
+k follows the uninterrupted run exactly. A re-run in a folder that holds a different run (other
+examples, hyperparameters, LoRA config or base model) is refused with the differing settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qless.data import IGNORE_INDEX
+from qless.model import lora_config_dict
+from qless.optimizer_state import (
+    load_optimizer_state,
+    save_optimizer_state,
+    trainable_parameters,
+)
+
+log = logging.getLogger(__name__)
+
+INFO_FILE = "qless_checkpoint.json"
+FORMAT = "qless-warmup-checkpoint-v1"
+SCHEDULERS = ("linear", "cosine", "constant")
+# HF Trainer (TrainingArguments) defaults, which LESS's runs used.
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+_NAME = re.compile(r"^epoch-(\d+)$")
+_TMP_PREFIX = ".epoch-"
+_TMP_MARK = ".tmp-"
+
+
+class WarmupError(ValueError):
+    "A warmup cannot start or resume: unusable examples, settings, or an incompatible folder."
+
+
+class CheckpointInfoError(ValueError):
+    "A checkpoint folder's qless_checkpoint.json is invalid."
+
+
+class CheckpointInfoMissing(CheckpointInfoError, FileNotFoundError):
+    "A checkpoint folder has no qless_checkpoint.json."
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule
+
+
+def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
+    """The Trainer's warmup length: `ceil(total_steps * warmup_ratio)`."""
+    return math.ceil(total_steps * warmup_ratio)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str = "linear") -> float:
+    """The multiplier of the base lr at optimizer step `step` (0-based), as transformers' schedules."""
+    if step < warmup_steps:
+        return float(step) / float(max(1, warmup_steps))
+    if scheduler == "constant":
+        return 1.0
+    progress = float(step - warmup_steps) / float(max(1, total_steps - warmup_steps))
+    if scheduler == "linear":
+        return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+    if scheduler == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise WarmupError(f"scheduler must be one of {SCHEDULERS}, not {scheduler!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint info
+
+
+def read_checkpoint_info(directory: str | os.PathLike) -> dict:
+    """The `qless_checkpoint.json` of a checkpoint folder, checked, plus `path` (the folder).
+
+    Holds at least name, epoch, step, lr (the epoch's mean lr: the checkpoint's weight) and
+    optimizer. Raises CheckpointInfoMissing / CheckpointInfoError naming the file.
+    """
+    folder = Path(directory)
+    file = folder / INFO_FILE
+    if not file.is_file():
+        raise CheckpointInfoMissing(
+            f"{file}: not found ({folder} is not a finished qless warmup checkpoint; "
+            "for another trainer's checkpoint give its lr and step explicitly)"
+        )
+    try:
+        info = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointInfoError(f"{file}: cannot read: {e}".splitlines()[0]) from None
+    if not isinstance(info, dict):
+        raise CheckpointInfoError(f"{file}: not a JSON object")
+    checks = {
+        "name": lambda v: isinstance(v, str) and bool(v),
+        "epoch": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "step": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "lr": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        and math.isfinite(v) and v >= 0,
+        "optimizer": lambda v: isinstance(v, str) and bool(v),
+    }
+    for key, ok in checks.items():
+        if key not in info:
+            raise CheckpointInfoError(f"{file}: missing {key!r}")
+        if not ok(info[key]):
+            raise CheckpointInfoError(f"{file}: invalid {key!r}: {info[key]!r}")
+    info["path"] = str(folder)
+    return info
+
+
+def completed_checkpoints(out_dir: str | os.PathLike) -> list[dict]:
+    """The finished `epoch-{i}` checkpoints of a warmup folder, in epoch order (their infos).
+
+    Temp folders of an interrupted write are not listed; an `epoch-{i}` folder without a valid
+    `qless_checkpoint.json` raises CheckpointInfoError.
+    """
+    root = Path(out_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _NAME.match(child.name)
+        if m and child.is_dir():
+            info = read_checkpoint_info(child)
+            if info["epoch"] != int(m.group(1)) or info["name"] != child.name:
+                raise CheckpointInfoError(
+                    f"{child / INFO_FILE}: says {info['name']!r} (epoch {info['epoch']}), "
+                    f"but the folder is {child.name}"
+                )
+            found.append(info)
+    return sorted(found, key=lambda i: i["epoch"])
+
+
+# ---------------------------------------------------------------------------------------------
+# examples and batches
+
+
+def _check_examples(examples: Sequence) -> str:
+    """Validate the examples; return a sha1 over their tokens and labels (the run's data identity)."""
+    if not examples:
+        raise WarmupError("no examples to train on")
+    h = hashlib.sha1()
+    for i, ex in enumerate(examples):
+        ids, labels = ex.input_ids, ex.labels
+        name = f"example {i} ({getattr(ex, 'id', '?')})"
+        if len(ids) == 0 or len(ids) != len(labels):
+            raise WarmupError(
+                f"{name}: input_ids ({len(ids)}) and labels ({len(labels)}) must be non-empty "
+                "and of equal length"
+            )
+        if all(x == IGNORE_INDEX for x in labels[1:]):
+            raise WarmupError(f"{name}: no response tokens to learn (every label after the first is -100)")
+        h.update(np.asarray(ids, dtype=np.int64).tobytes())
+        h.update(b"|")
+        h.update(np.asarray(labels, dtype=np.int64).tobytes())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _collate(batch: Sequence, device: torch.device, pad_id: int = 0):
+    """Right-padded input_ids, attention_mask and labels (-100 on padding)."""
+    width = max(len(ex.input_ids) for ex in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        ids[row, :n] = torch.as_tensor(ex.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.as_tensor(ex.labels, dtype=torch.long)
+        mask[row, :n] = 1
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def example_losses(model, batch: Sequence, device: torch.device) -> torch.Tensor:
+    """Per-example loss (mean cross-entropy over its response tokens), shape (len(batch),)."""
+    ids, mask, labels = _collate(batch, device)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    logits = logits[:, :-1, :].float()
+    target = labels[:, 1:]
+    token_loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="none",
+    ).view(target.shape)
+    counts = (target != IGNORE_INDEX).sum(dim=1)
+    return token_loss.sum(dim=1) / counts
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def _derive_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, 0x7E57]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which epoch `epoch` (1-based) visits the n examples."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _diff(a: dict, b: dict) -> list[str]:
+    keys = sorted(set(a) | set(b))
+    return [f"{k}: folder has {a.get(k)!r}, this run has {b.get(k)!r}" for k in keys
+            if a.get(k) != b.get(k)]
+
+
+def _sweep_temp(root: Path) -> None:
+    for child in root.iterdir():
+        if child.name.startswith(_TMP_PREFIX) and _TMP_MARK in child.name and child.is_dir():
+            log.info("removing %s (an interrupted checkpoint write)", child)
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def _load_adapter_weights(model, folder: Path) -> None:
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    file = folder / "adapter_model.safetensors"
+    if not file.is_file():
+        raise WarmupError(f"{file}: not found; cannot resume from {folder}")
+    saved = load_file(str(file))
+    expected = get_peft_model_state_dict(model)
+    if set(saved) != set(expected):
+        raise WarmupError(f"{file}: its tensors do not match the model's LoRA parameters")
+    for k, t in saved.items():
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise WarmupError(f"{file}: {k} has shape {tuple(t.shape)}, the model's is "
+                              f"{tuple(expected[k].shape)}")
+    set_peft_model_state_dict(model, saved)
+
+
+def _load_optimizer(optimizer, model, folder: Path, step: int) -> None:
+    state = load_optimizer_state(folder, model)
+    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    for name, p in trainable_parameters(model):
+        moments = state[name]
+        optimizer.state[p] = {
+            "step": torch.tensor(float(step), dtype=scalar),
+            "exp_avg": moments["exp_avg"].to(p.device, p.dtype),
+            "exp_avg_sq": moments["exp_avg_sq"].to(p.device, p.dtype),
+        }
+
+
+def _write_checkpoint(root: Path, name: str, model, optimizer, info: dict) -> Path:
+    """Write `root/name` whole or not at all: a temp folder, the info file last, then a rename."""
+    final = root / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}{_TMP_MARK}", dir=root))
+    try:
+        model.save_pretrained(str(tmp))
+        save_optimizer_state(tmp, model, optimizer)
+        data = json.dumps(info, indent=1, sort_keys=True) + "\n"
+        with open(tmp / INFO_FILE, "w", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def warmup(
+    model,
+    examples: Iterable,
+    out_dir: str | os.PathLike,
+    epochs: int = 4,
+    lr: float = 2e-5,
+    warmup_ratio: float = 0.03,
+    batch_size: int = 1,
+    grad_accum: int = 32,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    scheduler: str = "linear",
+    max_grad_norm: float | None = 1.0,
+    progress: bool = True,
+    max_steps: int | None = None,
+    stop_after_epoch: int | None = None,
+) -> list[dict]:
+    """Train the LoRA adapters of `model` (a peft model from `attach_lora`) on `examples`.
+
+    Writes `out_dir/epoch-{i}/` after each epoch and returns every finished checkpoint's info
+    (see `read_checkpoint_info`), in epoch order. A re-run in the same folder resumes after the
+    last finished epoch (adapter, Adam state and schedule position), or returns at once when the
+    run is complete; either way `model` ends holding the last checkpoint's adapter, in eval mode.
+
+    `max_steps` (as the Trainer's) sets the total number of optimizer steps instead of `epochs`;
+    the last checkpoint is then written where training stops, possibly mid-epoch.
+    `stop_after_epoch` stops after that epoch of the same schedule (a run in pieces); a later
+    call without it carries on. `max_grad_norm` None or 0 turns clipping off.
+
+    Example:
+        model = attach_lora(load_model("smollm2-135m"))
+        infos = warmup(model, sample_fraction(examples, 0.05), "out/warmup")
+        [(i["name"], i["step"], i["lr"]) for i in infos]
+    """
+    from tqdm.auto import tqdm
+
+    examples = list(examples)
+    if scheduler not in SCHEDULERS:
+        raise WarmupError(f"scheduler must be one of {SCHEDULERS}, not {scheduler!r}")
+    for label, value in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum)):
+        if not isinstance(value, int) or value < 1:
+            raise WarmupError(f"{label} must be a positive integer, not {value!r}")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise WarmupError(f"max_steps must be a positive integer or None, not {max_steps!r}")
+    if not 0 <= warmup_ratio < 1:
+        raise WarmupError(f"warmup_ratio must be in [0, 1), not {warmup_ratio!r}")
+    if not lr > 0:
+        raise WarmupError(f"lr must be positive, not {lr!r}")
+    params = trainable_parameters(model)
+    if not params or not hasattr(model, "peft_config"):
+        raise WarmupError("the model has no trainable LoRA parameters (attach_lora first)")
+    data_sha1 = _check_examples(examples)
+
+    n = len(examples)
+    per_step = batch_size * grad_accum
+    steps_per_epoch = math.ceil(n / per_step)
+    if max_steps is not None:
+        total_steps = max_steps
+        n_epochs = math.ceil(max_steps / steps_per_epoch)
+    else:
+        total_steps = epochs * steps_per_epoch
+        n_epochs = epochs
+    n_warmup = warmup_steps_for(total_steps, warmup_ratio)
+    last_epoch = n_epochs if stop_after_epoch is None else min(n_epochs, stop_after_epoch)
+
+    lora = lora_config_dict(model)
+    run = {
+        "epochs": n_epochs, "max_steps": max_steps, "total_steps": total_steps,
+        "lr": lr, "warmup_ratio": warmup_ratio, "warmup_steps": n_warmup, "scheduler": scheduler,
+        "batch_size": batch_size, "grad_accum": grad_accum, "weight_decay": weight_decay,
+        "max_grad_norm": max_grad_norm or None, "betas": list(ADAM_BETAS), "eps": ADAM_EPS,
+        "seed": seed, "n_examples": n, "examples_sha1": data_sha1, "lora": lora,
+        "model": getattr(model, "_qless_identity", None),
+    }
+
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    _sweep_temp(root)
+    try:
+        done = completed_checkpoints(root)
+    except CheckpointInfoError as e:
+        raise WarmupError(f"{root}: holds a checkpoint folder that is not a finished qless "
+                          f"warmup checkpoint: {e}") from None
+    for i, info in enumerate(done, 1):
+        if info["epoch"] != i:
+            raise WarmupError(f"{root}: epoch-{i} is missing but {info['name']} exists")
+        stored = info.get("run")
+        if stored != json.loads(json.dumps(run)):
+            diffs = _diff(stored, json.loads(json.dumps(run))) if isinstance(stored, dict) else [
+                "no run settings recorded"]
+            raise WarmupError(
+                f"{root}: holds a different warmup run ({info['name']}); use another folder. "
+                + "; ".join(diffs)
+            )
+
+    device = _model_device(model)
+    optimizer = torch.optim.AdamW(
+        [p for _, p in params], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay
+    )
+    step = 0
+    if done:
+        last = done[-1]
+        folder = Path(last["path"])
+        _load_adapter_weights(model, folder)
+        step = last["step"]
+        if step < total_steps and last["epoch"] < last_epoch:
+            _load_optimizer(optimizer, model, folder, step)
+            log.info("resuming %s after %s (step %d of %d)", root, last["name"], step, total_steps)
+    infos = [dict(i) for i in done]
+    start_epoch = len(done) + 1
+    if start_epoch > last_epoch or step >= total_steps:
+        model.eval()
+        return infos
+
+    was_training = model.training
+    bar = tqdm(total=total_steps, initial=step, desc="warmup", unit="step", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
+    rng_devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=rng_devices):
+            model.train()
+            for epoch in range(start_epoch, last_epoch + 1):
+                torch.manual_seed(_derive_seed(seed, epoch))
+                order = epoch_order(n, seed, epoch)
+                lrs: list[float] = []
+                losses: list[float] = []
+                for start in range(0, n, per_step):
+                    if step >= total_steps:
+                        break
+                    chunk = [examples[j] for j in order[start:start + per_step]]
+                    lr_now = lr * lr_factor(step, total_steps, n_warmup, scheduler)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_now
+                    optimizer.zero_grad(set_to_none=True)
+                    step_loss = 0.0
+                    for b in range(0, len(chunk), batch_size):
+                        micro = chunk[b:b + batch_size]
+                        loss = example_losses(model, micro, device).sum() / len(chunk)
+                        loss.backward()
+                        step_loss += float(loss.detach())
+                    if max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_([p for _, p in params], max_grad_norm)
+                    optimizer.step()
+                    step += 1
+                    lrs.append(lr_now)
+                    losses.append(step_loss)
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch, loss=f"{step_loss:.4f}", lr=f"{lr_now:.3g}",
+                                    refresh=False)
+                name = f"epoch-{epoch}"
+                info = {
+                    "format": FORMAT,
+                    "name": name,
+                    "epoch": epoch,
+                    "step": step,
+                    "lr": float(np.mean(lrs)),
+                    "lr_first": lrs[0],
+                    "lr_last": lrs[-1],
+                    "steps_in_epoch": len(lrs),
+                    "train_loss": float(np.mean(losses)),
+                    "optimizer": "adamw",
+                    "lora": lora,
+                    "seed": seed,
+                    "n_examples": n,
+                    "total_steps": total_steps,
+                    "run": run,
+                }
+                folder = _write_checkpoint(root, name, model, optimizer, info)
+                info["path"] = str(folder)
+                infos.append(info)
+                log.info("%s: step %d, mean lr %.4g, loss %.4f", folder, step, info["lr"],
+                         info["train_loss"])
+    finally:
+        bar.close()
+        optimizer.zero_grad(set_to_none=True)
+        model.train(was_training)
+    model.eval()
+    return infos
