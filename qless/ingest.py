@@ -1,0 +1,194 @@
+"""Ingest: examples -> per-example gradients at each checkpoint -> projection -> gradstore.
+
+One checkpoint at a time (one model in memory), batches of rows per store transaction:
+- resumable: ids a (set, checkpoint) already holds are skipped, so a killed run loses at most
+  its open batch and a re-run finishes the rest;
+- shardable: shard i of n takes the i-th contiguous slice of the examples, so merging the shard
+  stores in order gives the unsharded row order;
+- the store's projection, model and LoRA config are fixed at creation; a later ingest with
+  different ones is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+import gradstore
+from gradstore.errors import SchemaMismatchError
+
+from .gradients import GradientComputer
+from .model import load_adapter, load_model, lora_config_dict, model_identity
+from .optimizer_state import load_optimizer_state
+from .projection import DEFAULT_DIM, make_projection
+
+DEFAULT_ENCODINGS = ("f16", "absmax8", "sign1")
+CHECKPOINT_INFO = "qless_checkpoint.json"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A LoRA checkpoint folder and the learning rate that weights it."""
+
+    name: str
+    path: str
+    lr: float
+    step: int | None = None
+    epoch: int | None = None
+
+
+@dataclass
+class IngestReport:
+    written: int = 0
+    already_stored: int = 0
+    no_response: int = 0
+    seconds: dict = field(default_factory=lambda: {"gradient": 0.0, "projection": 0.0, "write": 0.0})
+
+    def summary(self) -> str:
+        parts = [f"{self.written} rows written", f"{self.already_stored} already stored"]
+        if self.no_response:
+            parts.append(f"{self.no_response} skipped: no response tokens (their gradient is zero;"
+                         " as Adam directions they would all tie)")
+        return "; ".join(parts)
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'i/n' -> (i, n); None -> rank/world size from torchrun or accelerate, else (0, 1)."""
+    if text is None:
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK"))
+        world = os.environ.get("WORLD_SIZE")
+        return (int(rank), int(world)) if rank is not None and world is not None else (0, 1)
+    try:
+        i, n = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def shard_slice(items: Sequence, shard: tuple[int, int]) -> Sequence:
+    i, n = shard
+    size = len(items)
+    return items[i * size // n:(i + 1) * size // n]
+
+
+def read_checkpoints(paths: Sequence[str], lrs: Sequence[float] | None = None) -> list[Checkpoint]:
+    """Checkpoints with their lr: from `qless_checkpoint.json` (our warmup), else `lrs`."""
+    from .warmup import read_checkpoint_info
+
+    if lrs is not None and len(lrs) != len(paths):
+        raise ValueError(f"{len(lrs)} learning rates for {len(paths)} checkpoints")
+    out = []
+    for i, path in enumerate(paths):
+        p = Path(path)
+        if not p.is_dir():
+            raise FileNotFoundError(f"{path}: no such checkpoint folder")
+        if lrs is not None:
+            out.append(Checkpoint(p.name, str(p.resolve()), float(lrs[i])))
+        elif (p / CHECKPOINT_INFO).is_file():
+            info = read_checkpoint_info(p)
+            out.append(Checkpoint(info.get("name", p.name), str(p.resolve()), float(info["lr"]),
+                                  info.get("step"), info.get("epoch")))
+        else:
+            raise ValueError(f"{path}: no {CHECKPOINT_INFO}; give the checkpoints' learning rates (--lr)")
+    return out
+
+
+def open_or_create(store_path, dim: int, projection: dict, model: dict, lora: dict) -> gradstore.Store:
+    """The store at `store_path`, created if absent; refuses a different projection/model/LoRA."""
+    if not Path(store_path, "data.mdb").exists():
+        return gradstore.create(store_path, dim=dim, projection=projection, model=model, lora=lora)
+    store = gradstore.open(store_path, readonly=False)
+    for key, want in (("dim", dim), ("projection", projection), ("model", model), ("lora", lora)):
+        have = store.meta.get(key)
+        if have != want:
+            store.close()
+            raise SchemaMismatchError(
+                f"{store_path}: the store's {key} is {have}, this ingest's is {want}; use another store")
+    return store
+
+
+def ingest(store_path, examples: Sequence, set_name: str, checkpoints: Sequence[Checkpoint],
+           model_name: str, kind: str = "train", encodings: Sequence[str] = DEFAULT_ENCODINGS,
+           dim: int = DEFAULT_DIM, projection: str = "sparse-rademacher", seed: int = 0,
+           dtype: str = "bf16", quant: str | None = None, batch_size: int = 32,
+           shard: tuple[int, int] = (0, 1), progress: bool = True) -> IngestReport:
+    """Write the projected gradients of `examples` at every checkpoint into the store.
+
+    Train sets get LESS's Adam directions (the checkpoint's optimizer state), task sets plain
+    gradients. Returns what was written and skipped.
+    """
+    from tqdm import tqdm
+
+    if kind not in ("train", "task"):
+        raise ValueError(f"kind must be 'train' or 'task', got {kind!r}")
+    if not checkpoints:
+        raise ValueError("at least one checkpoint is needed")
+    examples = shard_slice(list(examples), shard)
+    report = IngestReport()
+    store = None
+    try:
+        for ckpt in checkpoints:
+            model = load_adapter(load_model(model_name, dtype=dtype, quant=quant), ckpt.path)
+            state = load_optimizer_state(ckpt.path, model) if kind == "train" else None
+            computer = GradientComputer(model, state, mode="adam" if kind == "train" else "sgd")
+            spec = {"kind": projection, "seed": seed, "dim": dim, "input_dim": computer.dim}
+            if store is None:
+                store = open_or_create(store_path, dim, make_projection(spec).spec(),
+                                       model_identity(model), lora_config_dict(model))
+            project = make_projection(store.meta["projection"])
+            if project.input_dim != computer.dim:
+                raise SchemaMismatchError(
+                    f"{ckpt.path}: {computer.dim} LoRA parameters, the store's projection takes"
+                    f" {project.input_dim}")
+            store.add_checkpoint(ckpt.name, lr=ckpt.lr, step=ckpt.step, epoch=ckpt.epoch,
+                                 optimizer="adamw" if kind == "train" else None, source=ckpt.path)
+            done = store.written_ids(set_name, ckpt.name)
+            todo = [ex for ex in examples if ex.id not in done]
+            report.already_stored += len(examples) - len(todo)
+            bar = tqdm(total=len(todo), desc=f"{set_name}@{ckpt.name}", unit="row", file=sys.stderr,
+                       disable=not progress, dynamic_ncols=True)
+            batch: list = []
+            vectors: list[np.ndarray] = []
+            for ex in todo:
+                t0 = time.perf_counter()
+                g = computer.gradient_tensor(ex)
+                t1 = time.perf_counter()
+                if g is None:
+                    report.no_response += 1
+                    bar.update(1)
+                    continue
+                vectors.append(project.project(g[None]).cpu().numpy()[0])
+                report.seconds["gradient"] += t1 - t0
+                report.seconds["projection"] += time.perf_counter() - t1
+                batch.append(ex)
+                if len(batch) == batch_size:
+                    report.written += _write(store, set_name, ckpt.name, kind, encodings, batch, vectors, report)
+                    batch, vectors = [], []
+                bar.update(1)
+            if batch:
+                report.written += _write(store, set_name, ckpt.name, kind, encodings, batch, vectors, report)
+            bar.close()
+            del model, computer, state
+    finally:
+        if store is not None:
+            store.close()
+    return report
+
+
+def _write(store, set_name, ckpt_name, kind, encodings, batch, vectors, report) -> int:
+    t0 = time.perf_counter()
+    meta = [{**ex.metadata, "source_file": ex.source_file, "offset": ex.offset, "line": ex.line}
+            for ex in batch]
+    n = store.write(set_name, ckpt_name, np.stack(vectors), [ex.id for ex in batch], kind=kind,
+                    encodings=encodings, metadata=meta,
+                    subtasks=[ex.subtask for ex in batch] if kind == "task" else None)
+    report.seconds["write"] += time.perf_counter() - t0
+    return n

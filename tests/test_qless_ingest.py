@@ -1,0 +1,146 @@
+"""Ingest on a tiny random LLaMA: vectors equal the direct computation; resume; shards; refusals."""
+
+import numpy as np
+import pytest
+import torch
+
+import gradstore
+from gradstore.errors import SchemaMismatchError
+from qless.data import Example
+from qless.gradients import GradientComputer
+from qless.ingest import Checkpoint, ingest, parse_shard, shard_slice
+from qless.model import attach_lora, load_adapter, load_model
+from qless.optimizer_state import load_optimizer_state, save_optimizer_state
+from qless.projection import make_projection
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A saved tiny LLaMA and two LoRA checkpoints with real AdamW state."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    model = attach_lora(load_model(root / "model", dtype="fp32"), r=4, alpha=8, dropout=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ckpts = []
+    for epoch in (1, 2):
+        for step in range(3):
+            ids = torch.randint(0, 128, (1, 12))
+            model.train()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        path = root / f"epoch-{epoch}"
+        model.save_pretrained(path)
+        save_optimizer_state(path, model, opt)
+        ckpts.append(Checkpoint(f"epoch-{epoch}", str(path), lr=1e-2 / epoch, step=3 * epoch, epoch=epoch))
+    return root / "model", ckpts
+
+
+def examples(n, seed=0, prefix="ex"):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        ids = rng.integers(0, 128, 10).tolist()
+        labels = [-100] * 5 + ids[5:]
+        out.append(Example(f"{prefix}{i}", ids, labels, "/data/pool.jsonl", 100 * i, i + 1,
+                           f"s{i % 3}" if prefix == "v" else None, {"source": "toy", "tokens": 10}))
+    return out
+
+
+def test_vectors_equal_the_direct_computation(tiny, tmp_path):
+    model_dir, ckpts = tiny
+    pool = examples(7)
+    report = ingest(tmp_path / "s", pool, "train", ckpts, str(model_dir), dim=64, dtype="fp32",
+                    encodings=("f32", "sign1"), batch_size=3, progress=False)
+    assert report.written == 14 and report.no_response == 0
+    with gradstore.open(tmp_path / "s") as store:
+        assert store.ids("train") == [e.id for e in pool]
+        assert [c["lr"] for c in store.checkpoints()] == [1e-2, 5e-3]
+        assert store.rows("train")[2]["offset"] == 200 and store.rows("train")[2]["source"] == "toy"
+        project = make_projection(store.meta["projection"])
+        for ckpt in ckpts:
+            model = load_adapter(load_model(model_dir, dtype="fp32"), ckpt.path)
+            computer = GradientComputer(model, load_optimizer_state(ckpt.path, model), mode="adam")
+            direct = np.stack([project.project(computer.gradient(e)[None])[0] for e in pool])
+            np.testing.assert_allclose(store.vectors("train", ckpt.name, "f32"), direct, rtol=1e-5, atol=1e-6)
+        assert store.meta["lora"]["r"] == 4 and store.meta["projection"]["dim"] == 64
+
+
+def test_task_sets_get_plain_gradients_and_subtasks(tiny, tmp_path):
+    model_dir, ckpts = tiny
+    vals = examples(5, seed=1, prefix="v")
+    ingest(tmp_path / "s", vals, "toy-task", ckpts[:1], str(model_dir), kind="task", dim=64,
+           dtype="fp32", encodings=("f32",), progress=False)
+    with gradstore.open(tmp_path / "s") as store:
+        assert store.set_info("toy-task")["subtasks"] == ["s0", "s1", "s2"]
+        project = make_projection(store.meta["projection"])
+        model = load_adapter(load_model(model_dir, dtype="fp32"), ckpts[0].path)
+        g = GradientComputer(model, mode="sgd").gradient(vals[0])
+        np.testing.assert_allclose(store.vectors("toy-task", "epoch-1", "f32")[0], project.project(g[None])[0],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_killed_ingest_resumes_to_the_same_store(tiny, tmp_path, monkeypatch):
+    model_dir, ckpts = tiny
+    pool = examples(8)
+    args = dict(set_name="train", checkpoints=ckpts, model_name=str(model_dir), dim=64, dtype="fp32",
+                encodings=("f32",), batch_size=3, progress=False)
+    ingest(tmp_path / "full", pool, **args)
+
+    real_write = gradstore.Store.write
+    calls = {"n": 0}
+
+    def dying_write(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the first batch of the second checkpoint
+            raise KeyboardInterrupt
+        return real_write(self, *a, **k)
+
+    monkeypatch.setattr(gradstore.Store, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(tmp_path / "killed", pool, **args)
+    monkeypatch.setattr(gradstore.Store, "write", real_write)
+    with gradstore.open(tmp_path / "killed") as store:
+        assert store.n_rows("train", ["epoch-1"]) == 8 and store.n_rows("train", ["epoch-2"]) == 0
+    report = ingest(tmp_path / "killed", pool, **args)
+    assert report.already_stored == 8 and report.written == 8
+    with gradstore.open(tmp_path / "full") as a, gradstore.open(tmp_path / "killed") as b:
+        for c in ("epoch-1", "epoch-2"):
+            np.testing.assert_array_equal(a.vectors("train", c, "f32"), b.vectors("train", c, "f32"))
+
+
+def test_no_response_examples_are_skipped_and_counted(tiny, tmp_path):
+    model_dir, ckpts = tiny
+    pool = examples(4)
+    pool[1] = Example("empty", pool[1].input_ids, [-100] * 10, "/x", 0, 1, None, {})
+    report = ingest(tmp_path / "s", pool, "train", ckpts[:1], str(model_dir), dim=64, dtype="fp32",
+                    encodings=("sign1",), progress=False)
+    assert report.no_response == 1 and report.written == 3
+    assert "1 skipped: no response tokens" in report.summary()
+
+
+def test_a_different_projection_is_refused(tiny, tmp_path):
+    model_dir, ckpts = tiny
+    ingest(tmp_path / "s", examples(2), "train", ckpts[:1], str(model_dir), dim=64, dtype="fp32",
+           encodings=("sign1",), progress=False)
+    with pytest.raises(SchemaMismatchError, match="the store's dim is 64, this ingest's is 128"):
+        ingest(tmp_path / "s", examples(2), "train", ckpts[:1], str(model_dir), dim=128, dtype="fp32",
+               encodings=("sign1",), progress=False)
+
+
+def test_shards_are_contiguous_and_cover_everything(monkeypatch):
+    items = list(range(10))
+    parts = [shard_slice(items, (i, 3)) for i in range(3)]
+    assert parts == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert parse_shard("1/4") == (1, 4)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert parse_shard(None) == (2, 8)
+    with pytest.raises(ValueError, match="need 0 <= i < n"):
+        parse_shard("4/4")
