@@ -119,3 +119,57 @@ def info(store_path, fmt):
     emit([{"checkpoint": c["name"], "lr": c["lr"], "step": c["step"], "epoch": c["epoch"]}
           for c in summary["checkpoints"]], fmt)
     emit(rows, fmt)
+
+
+def _csv_list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@cli.command()
+@click.option("--data", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Training pool JSONL (repeatable); with --task NAME, the task's JSONL.")
+@click.option("--set", "set_name", default="train", show_default=True, help="Name of the training set.")
+@click.option("--task", help="Ingest a target task instead: mmlu, bbh, tydiqa, a demo task, or NAME with --data.")
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False),
+              help="LESS's data folder for built-in tasks (holds eval/mmlu, eval/bbh, eval/tydiqa).")
+@click.option("--checkpoint", "checkpoints", multiple=True, required=True,
+              type=click.Path(exists=True, file_okay=False), help="LoRA checkpoint folder (repeatable).")
+@click.option("--lr", "lrs", help="Comma-separated learning rates, one per checkpoint (default: from qless_checkpoint.json).")
+@click.option("--model", default="smollm2-135m", show_default=True, help="HF folder, hub id or smollm2-135m.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--quant", type=click.Choice(["nf4", "int8"]), help="QLoRA base model via bitsandbytes.")
+@click.option("--encodings", default="f16,absmax8,sign1", show_default=True, help="Comma-separated encodings to store.")
+@click.option("--dim", default=8192, show_default=True, help="Projection dimension.")
+@click.option("--projection", type=click.Choice(["sparse-rademacher", "dense-rademacher"]),
+              default="sparse-rademacher", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Projection seed.")
+@click.option("--max-length", default=2048, show_default=True, help="Truncate examples to this many tokens.")
+@click.option("--skip-invalid", is_flag=True, help="Skip bad lines (reported at the end) instead of stopping.")
+@click.option("--batch-size", default=32, show_default=True, help="Rows per store transaction.")
+@click.option("--shard", help="i/n: ingest the i-th of n contiguous shards (default: from torchrun/accelerate).")
+@store_option()
+@silent_option
+@handle_errors
+def ingest(data, set_name, task, data_dir, checkpoints, lrs, model, dtype, quant, encodings, dim, projection,
+           seed, max_length, skip_invalid, batch_size, shard, store_path, silent):
+    """Compute projected LoRA gradients and write them to the store (resumable).
+
+    Training pools get LESS's Adam directions; tasks get plain gradients.
+
+    Example:
+
+        gradstore ingest --data pool.jsonl --set train --checkpoint warmup/epoch-1 --checkpoint warmup/epoch-2
+
+        gradstore ingest --task mmlu --data-dir ../shared/data --checkpoint warmup/epoch-1
+    """
+    from qless.ingest import ingest_files, parse_shard
+
+    read_report, report = ingest_files(
+        store_path, checkpoints, model, data=data, set_name=set_name, task=task, data_dir=data_dir,
+        lrs=[float(x) for x in _csv_list(lrs)] if lrs else None, max_length=max_length,
+        skip_invalid=skip_invalid, encodings=_csv_list(encodings), dim=dim, projection=projection,
+        seed=seed, dtype=dtype, quant=quant, batch_size=batch_size, shard=parse_shard(shard),
+        progress=not silent)
+    if read_report is not None:
+        note(read_report.summary(), silent)
+    note(report.summary(), silent)

@@ -192,3 +192,31 @@ def _write(store, set_name, ckpt_name, kind, encodings, batch, vectors, report) 
                     subtasks=[ex.subtask for ex in batch] if kind == "task" else None)
     report.seconds["write"] += time.perf_counter() - t0
     return n
+
+
+def ingest_files(store_path, checkpoint_dirs: Sequence[str], model_name: str, data: Sequence[str] = (),
+                 set_name: str = "train", task: str | None = None, data_dir: str | None = None,
+                 lrs: Sequence[float] | None = None, max_length: int = 2048, skip_invalid: bool = False,
+                 **options):
+    """Read a training pool (`data`) or a target task (`task`), then `ingest` it.
+
+    A task is a built-in (mmlu, bbh, tydiqa from `data_dir`), a packaged demo task, or any name
+    with `data` naming its JSONL file; its set is named after the task. Returns the data read
+    report (None for tasks) and the ingest report.
+    """
+    from .data import read_pool
+    from .model import load_tokenizer
+    from .tasks import load_task
+
+    checkpoints = read_checkpoints(checkpoint_dirs, lrs)
+    tokenizer = load_tokenizer(model_name)
+    if task is not None:
+        if len(data) > 1:
+            raise ValueError(f"task {task!r}: give one --data file, not {len(data)}")
+        examples = load_task(task, tokenizer, data_dir=data_dir, path=data[0] if data else None,
+                             max_length=max_length)
+        return None, ingest(store_path, examples, task, checkpoints, model_name, kind="task", **options)
+    if not data:
+        raise ValueError("give the training pool's JSONL files (--data) or a --task")
+    examples, read_report = read_pool(data, tokenizer, max_length=max_length, skip_invalid=skip_invalid)
+    return read_report, ingest(store_path, examples, set_name, checkpoints, model_name, **options)
