@@ -50,13 +50,15 @@ def is_bare_name(name: str) -> bool:
     return bool(_IDENT.match(name)) and "--" not in name and name.upper() not in KEYWORDS
 
 
-def quote_name(name: str, *, reserved: tuple[str, ...] = ()) -> str:
+def quote_name(name: str, *, reserved: tuple[str, ...] = (), digits: bool = True) -> str:
     """Write a set, task, checkpoint or field name: bare when possible, else double-quoted.
 
     `reserved` holds extra words (lower case) that must be quoted in this position, such as
-    ``all`` after CHECKPOINTS.
+    ``all`` after CHECKPOINTS; `digits` says whether an all-digit name may stay bare (not for
+    field names, where a number is a value).
     """
-    if name.lower() not in reserved and (is_bare_name(name) or _DIGITS.match(name)):
+    bare = is_bare_name(name) or (digits and _DIGITS.match(name) is not None)
+    if bare and name.lower() not in reserved:
         return name
     return '"' + name.replace('"', '""') + '"'
 
@@ -201,7 +203,7 @@ class Compare(Expr):
         return _compare(_lookup(row, self.field), self.op, self.value)
 
     def to_text(self) -> str:
-        return f"{quote_name(self.field)} {self.op} {format_value(self.value)}"
+        return f"{quote_name(self.field, digits=False)} {self.op} {format_value(self.value)}"
 
     def fields(self) -> frozenset[str]:
         return frozenset((self.field,))
@@ -236,7 +238,7 @@ class InList(Expr):
 
     def to_text(self) -> str:
         values = ", ".join(format_value(v) for v in self.values)
-        return f"{quote_name(self.field)} {'NOT IN' if self.negated else 'IN'} ({values})"
+        return f"{quote_name(self.field, digits=False)} {'NOT IN' if self.negated else 'IN'} ({values})"
 
     def fields(self) -> frozenset[str]:
         return frozenset((self.field,))
@@ -259,7 +261,7 @@ class Like(Expr):
 
     def to_text(self) -> str:
         like = "NOT LIKE" if self.negated else "LIKE"
-        return f"{quote_name(self.field)} {like} {format_value(self.pattern)}"
+        return f"{quote_name(self.field, digits=False)} {like} {format_value(self.pattern)}"
 
     def fields(self) -> frozenset[str]:
         return frozenset((self.field,))
@@ -277,7 +279,7 @@ class IsNull(Expr):
         return not null if self.negated else null
 
     def to_text(self) -> str:
-        return f"{quote_name(self.field)} IS {'NOT NULL' if self.negated else 'NULL'}"
+        return f"{quote_name(self.field, digits=False)} IS {'NOT NULL' if self.negated else 'NULL'}"
 
     def fields(self) -> frozenset[str]:
         return frozenset((self.field,))

@@ -9,7 +9,7 @@ query``; ``.position`` is the 0-based offset and ``.expected`` the expected phra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Iterator, NoReturn
 
 from ..encodings import all_names, parse_encoding
 from ..errors import QuerySyntaxError, UnknownNameError
@@ -94,8 +94,13 @@ def _fail(text: str, pos: int, expected: str, found: str) -> NoReturn:
 
 def tokenize(text: str) -> list[Token]:
     """Split query text into tokens (comments and whitespace dropped), ending with an eof."""
-    tokens: list[Token] = []
+    return list(_tokens(text))
+
+
+def _tokens(text: str) -> Iterator[Token]:
+    """Yield tokens lazily, so that the parser reports the first error in reading order."""
     n = len(text)
+    end = 0
     i = 0
     while i < n:
         c = text[i]
@@ -110,32 +115,32 @@ def tokenize(text: str) -> list[Token]:
                 j += 1
             word = text[i:j]
             if word.upper() in KEYWORDS:
-                tokens.append(Token("keyword", word.upper(), word, i, j))
+                yield Token("keyword", word.upper(), word, i, j)
             else:
-                tokens.append(Token("name", word, word, i, j))
-            i = j
+                yield Token("name", word, word, i, j)
+            i = end = j
         elif c in _DIGIT or (c in ".-" and _starts_number(text, i)):
-            tokens.append(_number(text, i))
-            i = tokens[-1].end
+            tok = _number(text, i)
+            yield tok
+            i = end = tok.end
         elif c == "'" or c == '"':
-            tokens.append(_quoted(text, i))
-            i = tokens[-1].end
+            tok = _quoted(text, i)
+            yield tok
+            i = end = tok.end
         elif c in "=<>!":
             two = text[i : i + 2]
             op = two if two in _OPS else c
             if op not in _OPS:
                 _fail(text, i, "a query token", f"character {_printable(c)!r}")
-            tokens.append(Token("op", _OPS[op], op, i, i + len(op)))
-            i += len(op)
+            yield Token("op", _OPS[op], op, i, i + len(op))
+            i = end = i + len(op)
         elif c in ",()%":
-            tokens.append(Token("punct", c, c, i, i + 1))
-            i += 1
+            yield Token("punct", c, c, i, i + 1)
+            i = end = i + 1
         else:
             found = f"character {c!r}" if c.isprintable() else f"character U+{ord(c):04X}"
             _fail(text, i, "a query token (double-quote names that hold other characters)", found)
-    end = tokens[-1].end if tokens else 0
-    tokens.append(Token("eof", None, "", end, end))
-    return tokens
+    yield Token("eof", None, "", end, end)
 
 
 def _starts_number(text: str, i: int) -> bool:
@@ -206,18 +211,14 @@ def _quoted(text: str, i: int) -> Token:
 class _Parser:
     def __init__(self, text: str):
         self.text = text
-        self.tokens = tokenize(text)
-        self.i = 0
+        self._stream = _tokens(text)
+        self.tok = next(self._stream)  # the current token; there is always one (eof last)
 
     # -- token helpers -------------------------------------------------------------------
-    @property
-    def tok(self) -> Token:
-        return self.tokens[self.i]
-
     def advance(self) -> Token:
-        tok = self.tokens[self.i]
+        tok = self.tok
         if tok.kind != "eof":
-            self.i += 1
+            self.tok = next(self._stream)
         return tok
 
     def is_keyword(self, *words: str) -> bool:
@@ -320,14 +321,14 @@ class _Parser:
         return tok.value, None
 
     def name_list(self, what: str, expected: str) -> tuple[str, ...]:
-        names = [self.name(expected)]
+        names = {self.name(expected): None}  # a dict: ordered, with fast membership
         while self.is_punct(","):
             self.advance()
             tok = self.tok
             name = self.name(f"a {what} name after ','")
             if name in names:
                 self.fail(f"each {what} once", tok, f"{_describe(tok)} again")
-            names.append(name)
+            names[name] = None
         return tuple(names)
 
     def clause(self, keyword: str) -> tuple[object, str]:
