@@ -2,6 +2,7 @@
 
 import itertools
 import string
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -724,3 +725,43 @@ def test_odd_names_print_quoted():
         q = Q(set_name=name, tasks=(name,), checkpoints=(name,),
               where=Compare(name, "=", name))
         assert same(parse(q.to_text()), q)
+
+
+# -- the reference page's examples stay true ------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "query.md"
+
+
+def doc_blocks(kind: str) -> list[str]:
+    """The fenced blocks of docs/query.md whose fence names `kind` ("" for a bare fence)."""
+    blocks, current, lang = [], None, ""
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```") and current is None:
+            current, lang = [], line[3:].strip()
+        elif line.startswith("```"):
+            if lang == kind:
+                blocks.append("\n".join(current) + "\n")
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def test_doc_query_examples_parse():
+    lines = [line for block in doc_blocks("sql") for line in block.splitlines() if line.strip()]
+    assert len(lines) > 20
+    for line in lines:
+        if line.startswith("WHERE"):
+            parse("SCORE FROM train BY mmlu " + line)
+        else:
+            parse(line)
+
+
+def test_doc_error_examples_are_exact():
+    (block,) = [b for b in doc_blocks("") if "column 20:" in b]
+    pairs = [chunk.splitlines() for chunk in block.strip().split("\n\n")]
+    assert len(pairs) >= 12
+    for text, message in pairs:
+        with pytest.raises(QuerySyntaxError) as info:
+            parse(text)
+        assert str(info.value) == message
