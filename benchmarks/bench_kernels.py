@@ -240,14 +240,14 @@ def main(argv=None) -> dict:
     ]
     if "faiss_search_s" in st:
         rows.append(("sign1 top-k: FAISS IndexBinaryFlat.search", st["faiss_search_s"],
-                     f"{st['speedup_vs_faiss']:.2f}x slower than gradstore; "
-                     f"top-k agree: {st['topk_agree']}"))
+                     (f"{st['speedup_vs_faiss']:.2f}x slower than gradstore; "
+                      f"top-k agree: {st['topk_agree']}")))
     rows += [
         (f"sign1: numpy bitwise_count (from {sn['n_sample']} rows)", sn["numpy_s_all_rows"],
          f"{sn['speedup_vs_numpy']:.1f}x slower than gradstore"),
         (f"sign1: unaligned read-only rows ({al['n']:,})", al["unaligned_readonly_s"],
-         f"{al['unaligned_over_aligned']:.2f}x aligned ({al['aligned_s']:.4f} s); "
-         f"copy would cost {al['copy_to_aligned_s']:.4f} s"),
+         (f"{al['unaligned_over_aligned']:.2f}x aligned ({al['aligned_s']:.4f} s); "
+          f"copy would cost {al['copy_to_aligned_s']:.4f} s")),
         ("absmax8: gradstore int_dot, all rows", i8["int_dot_all_rows_s"],
          f"{i8['int_dot_gmacs']:.0f} G MAC/s"),
         ("absmax8: float32 BLAS on dequantized, all rows", i8["blas_all_rows_s"],

@@ -36,16 +36,16 @@ from .encodings import Encoding, parse_encoding
 from .errors import SchemaMismatchError
 
 __all__ = [
-    "sign_dot",
-    "int_dot",
-    "float_dot",
-    "sign_subtask_means",
-    "int_subtask_means",
     "HAS_VNNI",
+    "float_dot",
+    "int_dot",
+    "int_subtask_means",
+    "sign_dot",
+    "sign_subtask_means",
 ]
 
-_JIT = dict(nogil=True, fastmath=True, cache=True)
-_PJIT = dict(parallel=True, **_JIT)
+_JIT = {"nogil": True, "fastmath": True, "cache": True}
+_PJIT = {"parallel": True, **_JIT}
 
 
 def _host_has_vnni() -> bool:

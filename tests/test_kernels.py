@@ -347,7 +347,8 @@ def test_portable_int_loop_without_vnni(tmp_path):
     if not kernels.HAS_VNNI:
         pytest.skip("this CPU already runs the portable loop in every other test")
     env = dict(os.environ, GRADSTORE_NO_VNNI="1", NUMBA_CACHE_DIR=str(tmp_path))
-    res = subprocess.run([sys.executable, "-c", _FALLBACK], env=env, capture_output=True,
+    res = subprocess.run([sys.executable, "-c", _FALLBACK], check=False, env=env,
+                         capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "ok"
