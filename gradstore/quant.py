@@ -54,6 +54,7 @@ def quantize(x: np.ndarray, enc: Encoding | str, global_scale: float | None = No
     sumsq, absmax, abssum = _row_stats(x)
     _refuse_bad_rows(sumsq)
     length = np.sqrt(sumsq)
+    s = _checked_global_scale(enc, global_scale, length)
     payload = np.zeros((n, enc.row_bytes(d)), np.uint8)
     if enc.is_float:
         u = np.zeros((n, d), np.float32)
@@ -70,7 +71,6 @@ def quantize(x: np.ndarray, enc: Encoding | str, global_scale: float | None = No
         _pack_signs(x, payload)
         return QuantizedRows(payload, (length / math.sqrt(d)).astype(np.float32),
                              np.full(n, math.sqrt(d), np.float32))
-    s = _checked_global_scale(enc, global_scale, length)
     if s is None and enc.global_scale:
         s = _set_scale_from_stats(enc, length, absmax, abssum, x.size)
     # u*L/s is evaluated as (x * num) / den: the same value in exact arithmetic, but x * num is
@@ -103,9 +103,11 @@ def quantize_reference(x: np.ndarray, enc: Encoding | str,
     # round differently and move a coordinate that sits on a half to the other level.
     length = np.sqrt(np.cumsum(x64 * x64, axis=1)[:, -1])
     safe_length = np.where(length > 0, length, 1.0)[:, None]
+    s = _checked_global_scale(enc, global_scale, length)
     rb = enc.row_bytes(d)
     if enc.is_float:
         u = (x64 / safe_length).astype(np.float32)
+        u[length == 0] = 0  # all bytes zero, even for a row of -0.0
         levels = u.astype("<f4" if enc.kind == "f32" else "<f2")
         payload = np.zeros((n, rb), np.uint8)
         payload[:, :levels.itemsize * d] = levels.view(np.uint8)
@@ -119,7 +121,6 @@ def quantize_reference(x: np.ndarray, enc: Encoding | str,
                              np.full(n, np.sqrt(d), np.float32))
     L = enc.levels
     u = x64 / safe_length
-    s = _checked_global_scale(enc, global_scale, length)
     if s is None and enc.global_scale:
         s = (float(np.abs(u).max() if enc.kind == "absmax" else np.abs(u).mean())
              if u.size else 0.0)
@@ -161,7 +162,7 @@ def unpack_levels(payload: np.ndarray, enc: Encoding | str, dim: int) -> np.ndar
     per_byte = 8 // enc.bits
     shifts = (np.arange(per_byte) * enc.bits).astype(np.uint8)
     fields = (payload[:, :, None] >> shifts) & np.uint8(2 ** enc.bits - 1)
-    return fields.reshape(n, -1)[:, :dim].astype(np.float32) - 2 ** (enc.bits - 1)
+    return fields.reshape(n, payload.shape[1] * per_byte)[:, :dim].astype(np.float32) - 2 ** (enc.bits - 1)
 
 
 def dequantize(payload: np.ndarray, scale: np.ndarray, enc: Encoding | str, dim: int) -> np.ndarray:
