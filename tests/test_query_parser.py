@@ -24,6 +24,7 @@ from gradstore.query.ast import (
 )
 from gradstore.query.parser import MAX_DEPTH, parse, parse_condition, tokenize
 
+
 def fuzz(examples: int) -> settings:
     return settings(max_examples=examples, deadline=None, database=None,
                     suppress_health_check=list(HealthCheck))
@@ -96,8 +97,8 @@ EXAMPLES = [
     ('TOP 3 FROM "say ""hi""" BY mmlu', Q(top_k=3, set_name='say "hi"')),
     ("TOP 3 FROM 2024 BY mmlu", Q(top_k=3, set_name="2024")),
     # clauses in any order
-    ("SCORE FROM train BY mmlu WHERE x = 1 MODE asymmetric WEIGHT uniform COMBINE sum "
-     "AGG mean ENCODING sign1 CHECKPOINTS a",
+    (("SCORE FROM train BY mmlu WHERE x = 1 MODE asymmetric WEIGHT uniform COMBINE sum "
+     "AGG mean ENCODING sign1 CHECKPOINTS a"),
      Q(where=Compare("x", "=", 1), mode="asymmetric", weight="uniform", combine="sum",
        agg="mean", encoding="sign1", checkpoints=("a",))),
     # comments and line breaks
@@ -206,96 +207,96 @@ ERRORS = [
      "column 5: expected a positive row count after TOP, found number 0"),
     ("TOP -1 FROM train BY mmlu", 4,
      "column 5: expected a positive row count after TOP, found number -1"),
-    ("TOP 0% FROM train BY mmlu", 4, "column 5: expected a percentage greater than 0 and at most "
-     "100 after TOP, found 0%"),
-    ("TOP 100.5 % FROM train BY mmlu", 4, "column 5: expected a percentage greater than 0 and at "
-     "most 100 after TOP, found 100.5%"),
-    ("TOP 2.5 FROM train BY mmlu", 4, "column 5: expected a whole number of rows (or a percentage "
-     "such as 5%) after TOP, found number 2.5"),
+    ("TOP 0% FROM train BY mmlu", 4, ("column 5: expected a percentage greater than 0 and at most "
+     "100 after TOP, found 0%")),
+    ("TOP 100.5 % FROM train BY mmlu", 4, ("column 5: expected a percentage greater than 0 and at "
+     "most 100 after TOP, found 100.5%")),
+    ("TOP 2.5 FROM train BY mmlu", 4, ("column 5: expected a whole number of rows (or a percentage "
+     "such as 5%) after TOP, found number 2.5")),
     ("TOP 5 train BY mmlu", 6, "column 7: expected FROM, found name train"),
     ("TOP 5 FROM BY mmlu", 11, "column 12: expected a set name after FROM, found keyword BY"),
     ("TOP 5 FROM train mmlu", 17, "column 18: expected BY after the set name, found name mmlu"),
     ("TOP 5 FROM train BY mmlu,", 25,
      "column 26: expected a task name after ',', found end of query"),
-    ("TOP 5 FROM train BY mmlu, mmlu", 26, "column 27: expected each task once, found name mmlu "
-     "again"),
-    ("TOP 5 FROM train BY mmlu bbh", 25, "column 26: expected ',' or a clause (COMBINE, AGG, "
-     "CHECKPOINTS, WEIGHT, ENCODING, MODE or WHERE) or end of query, found name bbh"),
-    ("TOP 5 FROM train BY mmlu COMBINE max COMBINE sum", 37, "column 38: expected at most one "
-     "COMBINE clause, found a second COMBINE (the first is at column 26)"),
+    ("TOP 5 FROM train BY mmlu, mmlu", 26, ("column 27: expected each task once, found name mmlu "
+     "again")),
+    ("TOP 5 FROM train BY mmlu bbh", 25, ("column 26: expected ',' or a clause (COMBINE, AGG, "
+     "CHECKPOINTS, WEIGHT, ENCODING, MODE or WHERE) or end of query, found name bbh")),
+    ("TOP 5 FROM train BY mmlu COMBINE max COMBINE sum", 37, ("column 38: expected at most one "
+     "COMBINE clause, found a second COMBINE (the first is at column 26)")),
     ("TOP 5 FROM train BY mmlu COMBINE median", 33,
      "column 34: expected mean, max or sum after COMBINE, found name median"),
     ("TOP 5 FROM train BY mmlu AGG sum", 29,
      "column 30: expected max or mean after AGG, found name sum"),
     ("TOP 5 FROM train BY mmlu AGG max OVER tasks", 38,
      "column 39: expected subtasks after OVER, found name tasks"),
-    ("TOP 5 FROM train BY mmlu AGG max subtasks", 33, "column 34: expected OVER, a clause "
+    ("TOP 5 FROM train BY mmlu AGG max subtasks", 33, ("column 34: expected OVER, a clause "
      "(COMBINE, AGG, CHECKPOINTS, WEIGHT, ENCODING, MODE or WHERE) or end of query, found name "
-     "subtasks"),
-    ("TOP 5 FROM train BY mmlu CHECKPOINTS", 36, "column 37: expected a checkpoint name or all "
-     "after CHECKPOINTS, found end of query"),
-    ("TOP 5 FROM train BY mmlu CHECKPOINTS all, e1", 40, "column 41: expected a clause (COMBINE, "
+     "subtasks")),
+    ("TOP 5 FROM train BY mmlu CHECKPOINTS", 36, ("column 37: expected a checkpoint name or all "
+     "after CHECKPOINTS, found end of query")),
+    ("TOP 5 FROM train BY mmlu CHECKPOINTS all, e1", 40, ("column 41: expected a clause (COMBINE, "
      "AGG, CHECKPOINTS, WEIGHT, ENCODING, MODE or WHERE) or end of query after CHECKPOINTS all "
-     "(double-quote a checkpoint named \"all\"), found ','"),
+     "(double-quote a checkpoint named \"all\"), found ','")),
     ("TOP 5 FROM train BY mmlu WEIGHT lr2", 32,
      "column 33: expected lr or uniform after WEIGHT, found name lr2"),
-    ("TOP 5 FROM train BY mmlu ENCODING sign2", 34, "column 35: expected an encoding after "
+    ("TOP 5 FROM train BY mmlu ENCODING sign2", 34, ("column 35: expected an encoding after "
      "ENCODING (f32, f16, absmax8, absmax4, absmax2, absmean8, absmean4, absmean2, sign1; "
-     "quantized ones may add -global and/or -centered), found name sign2"),
+     "quantized ones may add -global and/or -centered), found name sign2")),
     ("TOP 5 FROM train BY mmlu MODE fast", 30,
      "column 31: expected symmetric or asymmetric after MODE, found name fast"),
-    ("TOP 5 FROM train BY mmlu WHERE", 30, "column 31: expected a condition (a field name, NOT "
-     "or '(') after WHERE, found end of query"),
-    ("TOP 5 FROM train BY mmlu WHERE source = dolly", 40, "column 41: expected a value ('string', "
-     "number, TRUE, FALSE or NULL) after =, found name dolly"),
-    ("TOP 5 FROM train BY mmlu WHERE source == 'dolly'", 39, "column 40: expected a value "
-     "('string', number, TRUE, FALSE or NULL) after =, found '='"),
-    ("TOP 5 FROM train BY mmlu WHERE source 'dolly'", 38, "column 39: expected an operator (=, !=,"
-     " <, <=, >, >=, IN, NOT IN, LIKE, NOT LIKE or IS) after source, found string 'dolly'"),
-    ("TOP 5 FROM train BY mmlu WHERE a = 1 AND", 40, "column 41: expected a condition (a field "
-     "name, NOT or '(') after AND, found end of query"),
+    ("TOP 5 FROM train BY mmlu WHERE", 30, ("column 31: expected a condition (a field name, NOT "
+     "or '(') after WHERE, found end of query")),
+    ("TOP 5 FROM train BY mmlu WHERE source = dolly", 40, ("column 41: expected a value ('string', "
+     "number, TRUE, FALSE or NULL) after =, found name dolly")),
+    ("TOP 5 FROM train BY mmlu WHERE source == 'dolly'", 39, ("column 40: expected a value "
+     "('string', number, TRUE, FALSE or NULL) after =, found '='")),
+    ("TOP 5 FROM train BY mmlu WHERE source 'dolly'", 38, ("column 39: expected an operator (=, !=,"
+     " <, <=, >, >=, IN, NOT IN, LIKE, NOT LIKE or IS) after source, found string 'dolly'")),
+    ("TOP 5 FROM train BY mmlu WHERE a = 1 AND", 40, ("column 41: expected a condition (a field "
+     "name, NOT or '(') after AND, found end of query")),
     ("TOP 5 FROM train BY mmlu WHERE (a = 1 OR b = 2", 46,
      "column 47: expected ')' to close the '(' at column 32, found end of query"),
-    ("TOP 5 FROM train BY mmlu WHERE a = 1)", 36, "column 37: expected AND, OR, a clause "
-     "(COMBINE, AGG, CHECKPOINTS, WEIGHT, ENCODING, MODE or WHERE) or end of query, found ')'"),
-    ("TOP 5 FROM train BY mmlu WHERE a IN ()", 37, "column 38: expected a value ('string', "
-     "number, TRUE, FALSE or NULL) after '(', found ')'"),
+    ("TOP 5 FROM train BY mmlu WHERE a = 1)", 36, ("column 37: expected AND, OR, a clause "
+     "(COMBINE, AGG, CHECKPOINTS, WEIGHT, ENCODING, MODE or WHERE) or end of query, found ')'")),
+    ("TOP 5 FROM train BY mmlu WHERE a IN ()", 37, ("column 38: expected a value ('string', "
+     "number, TRUE, FALSE or NULL) after '(', found ')'")),
     ("TOP 5 FROM train BY mmlu WHERE a IN (1 2)", 39,
      "column 40: expected ',' or ')' in the IN list, found number 2"),
     ("TOP 5 FROM train BY mmlu WHERE a IN 1", 36,
      "column 37: expected '(' after IN, found number 1"),
     ("TOP 5 FROM train BY mmlu WHERE a LIKE x", 38,
      "column 39: expected a 'pattern' string after LIKE, found name x"),
-    ("TOP 5 FROM train BY mmlu WHERE a LIKE 'x\\'", 38, "column 39: expected a LIKE pattern that "
-     "does not end in a lone backslash, found string 'x\\'"),
+    ("TOP 5 FROM train BY mmlu WHERE a LIKE 'x\\'", 38, ("column 39: expected a LIKE pattern that "
+     "does not end in a lone backslash, found string 'x\\'")),
     ("TOP 5 FROM train BY mmlu WHERE a IS 1", 36,
      "column 37: expected NULL or NOT NULL after IS, found number 1"),
     ("TOP 5 FROM train BY mmlu WHERE a IS NOT TRUE", 40,
      "column 41: expected NULL after IS NOT, found keyword TRUE"),
     ("TOP 5 FROM train BY mmlu WHERE a NOT = 1", 37,
      "column 38: expected IN or LIKE after NOT, found '='"),
-    ("TOP 5 FROM train BY mmlu WHERE source = 'dolly", 40, "column 41: expected a closing ' for "
-     "the string that starts here, found end of query"),
+    ("TOP 5 FROM train BY mmlu WHERE source = 'dolly", 40, ("column 41: expected a closing ' for "
+     "the string that starts here, found end of query")),
     ('TOP 5 FROM "train BY mmlu', 11,
      'column 12: expected a closing " for the name that starts here, found end of query'),
     ('TOP 5 FROM "" BY mmlu', 11,
      'column 12: expected a name inside the double quotes, found empty name ""'),
-    ("TOP 5 FROM train BY mmlu WHERE a = 1 & b = 2", 37, "column 38: expected a query token "
-     "(double-quote names that hold other characters), found character '&'"),
-    ("TOP 5 FROM train BY m\u00e9lange", 21, "column 22: expected a query token (double-quote "
-     "names that hold other characters), found character '\u00e9'"),
-    ("TOP 5 FROM train\x00 BY mmlu", 16, "column 17: expected a query token (double-quote names "
-     "that hold other characters), found character U+0000"),
-    ("TOP 5 FROM 1b-pool BY mmlu", 11, "column 12: expected a number (double-quote names that "
-     "start with a digit), found '1b-pool'"),
+    ("TOP 5 FROM train BY mmlu WHERE a = 1 & b = 2", 37, ("column 38: expected a query token "
+     "(double-quote names that hold other characters), found character '&'")),
+    ("TOP 5 FROM train BY m\u00e9lange", 21, ("column 22: expected a query token (double-quote "
+     "names that hold other characters), found character '\u00e9'")),
+    ("TOP 5 FROM train\x00 BY mmlu", 16, ("column 17: expected a query token (double-quote names "
+     "that hold other characters), found character U+0000")),
+    ("TOP 5 FROM 1b-pool BY mmlu", 11, ("column 12: expected a number (double-quote names that "
+     "start with a digit), found '1b-pool'")),
     ("TOP 5 FROM train BY mmlu WHERE t < 1e999", 35,
      "column 36: expected a number within the range of a double, found number 1e999"),
     ("TOP 5\nFROM train\nBY", 19,
      "line 3, column 3: expected a task name after BY, found end of query"),
-    ("TOP 5 FROM train BY mmlu WHERE 'source' = 'x'", 31, "column 32: expected a condition (a "
-     "field name, NOT or '(') after WHERE, found string 'source'"),
-    ("TOP 5 FROM train BY mmlu WHERE a = 1 WHERE b = 2", 37, "column 38: expected at most one "
-     "WHERE clause, found a second WHERE (the first is at column 26)"),
+    ("TOP 5 FROM train BY mmlu WHERE 'source' = 'x'", 31, ("column 32: expected a condition (a "
+     "field name, NOT or '(') after WHERE, found string 'source'")),
+    ("TOP 5 FROM train BY mmlu WHERE a = 1 WHERE b = 2", 37, ("column 38: expected at most one "
+     "WHERE clause, found a second WHERE (the first is at column 26)")),
 ]
 
 
@@ -377,7 +378,8 @@ def test_huge_inputs():
 
 IDENT_FIRST = string.ascii_letters + "_"
 IDENT_REST = string.ascii_letters + string.digits + "_.-"
-idents = st.builds(lambda a, b: a + b, st.sampled_from(IDENT_FIRST), st.text(IDENT_REST, max_size=8))
+idents = st.builds(lambda a, b: a + b, st.sampled_from(IDENT_FIRST),
+                   st.text(IDENT_REST, max_size=8))
 names = st.one_of(idents, st.sampled_from(sorted(KEYWORDS) + ["all", "ALL", "mean", "a--b"]),
                   st.from_regex(r"[0-9]{1,4}", fullmatch=True), st.text(min_size=1, max_size=10))
 values = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63),
@@ -579,7 +581,7 @@ def test_int_and_float_compare():
     ("a = 1 OR b = 'x'", lambda a, b, c: a == 1 or b == "x"),
     ("a = 1 OR b = 'x' AND c", lambda a, b, c: a == 1 or (b == "x" and c)),
     ("(a = 1 OR b = 'x') AND c", lambda a, b, c: (a == 1 or b == "x") and c),
-    ("NOT a = 1 AND c", lambda a, b, c: (not a == 1) and c),
+    ("NOT a = 1 AND c", lambda a, b, c: (a != 1) and c),
     ("NOT (a = 1 AND c)", lambda a, b, c: not (a == 1 and c)),
     ("NOT NOT c OR a > 0", lambda a, b, c: c or a > 0),
     ("a IN (0, 2) OR b NOT IN ('x', 'y')", lambda a, b, c: a in (0, 2) or b not in ("x", "y")),
@@ -689,10 +691,10 @@ def test_derived_forms_agree(field, value, cell, options):
 # -- the AST itself -------------------------------------------------------------------------
 
 def test_query_validates_its_fields():
-    for bad in [dict(top_k=0), dict(top_k=5, top_percent=5.0), dict(top_percent=0.0),
-                dict(top_percent=100.1), dict(set_name=""), dict(tasks=()),
-                dict(combine="median"), dict(agg="sum"), dict(weight="x"), dict(mode="fast"),
-                dict(checkpoints=()), dict(top_k=True), dict(top_k=2.0)]:
+    for bad in [{"top_k": 0}, {"top_k": 5, "top_percent": 5.0}, {"top_percent": 0.0},
+                {"top_percent": 100.1}, {"set_name": ""}, {"tasks": ()},
+                {"combine": "median"}, {"agg": "sum"}, {"weight": "x"}, {"mode": "fast"},
+                {"checkpoints": ()}, {"top_k": True}, {"top_k": 2.0}]:
         with pytest.raises(ValueError, match="invalid Query"):
             Q(**bad)
 

@@ -20,12 +20,15 @@ import functools
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 # Reserved words: a name spelled like one of these (in any case) must be double-quoted.
 KEYWORDS = frozenset(
-    "EXPLAIN TOP SCORE FROM BY COMBINE AGG OVER CHECKPOINTS WEIGHT ENCODING MODE WHERE "
-    "AND OR NOT IN LIKE IS NULL TRUE FALSE".split()
+    (
+        "EXPLAIN", "TOP", "SCORE", "FROM", "BY", "COMBINE", "AGG", "OVER", "CHECKPOINTS",
+        "WEIGHT", "ENCODING", "MODE", "WHERE", "AND", "OR", "NOT", "IN", "LIKE", "IS", "NULL",
+        "TRUE", "FALSE",
+    )
 )
 
 COMBINES = ("mean", "max", "sum")
@@ -39,7 +42,7 @@ DEFAULT_AGG = "max"
 DEFAULT_WEIGHT = "lr"
 
 # A literal value in a condition: a string, a number, TRUE/FALSE, or NULL.
-Value = Union[str, int, float, bool, None]
+Value = str | int | float | bool | None
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*\Z")
 _DIGITS = re.compile(r"[0-9]+\Z")
@@ -238,7 +241,8 @@ class InList(Expr):
 
     def to_text(self) -> str:
         values = ", ".join(format_value(v) for v in self.values)
-        return f"{quote_name(self.field, digits=False)} {'NOT IN' if self.negated else 'IN'} ({values})"
+        op = "NOT IN" if self.negated else "IN"
+        return f"{quote_name(self.field, digits=False)} {op} ({values})"
 
     def fields(self) -> frozenset[str]:
         return frozenset((self.field,))

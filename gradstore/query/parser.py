@@ -8,8 +8,9 @@ query``; ``.position`` is the 0-based offset and ``.expected`` the expected phra
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, NoReturn
+from typing import NoReturn
 
 from ..encodings import all_names, parse_encoding
 from ..errors import QuerySyntaxError, UnknownNameError
