@@ -15,6 +15,7 @@ Chat formatting of messages (``chat_format``):
 Either way labels are masked as LESS's ``encode_with_messages_format`` does: every token of a
 non-assistant message, including the next assistant header, is -100; what is left is each
 assistant reply plus its end-of-turn marker (EOS + newline for tulu, ``<|im_end|>\\n`` for ChatML).
+Message contents are stripped in both formats, as LESS's ``concat_messages`` does.
 
 Ids are the record's ``id`` field, else the sha1 of the record's canonical JSON, so an example
 keeps its id wherever its line moves. Bad lines raise `DataError` (``file.jsonl:17: reason``),
@@ -250,6 +251,10 @@ def encode_messages(
         special = True  # LESS tokenizes with the tokenizer's default special tokens (BOS)
     else:
 
+        # Contents are stripped as LESS's concat_messages strips them; this also keeps a reply's
+        # leading whitespace from merging into the masked header token ("\n" + "  x" -> "\n ").
+        messages = [{"role": m["role"], "content": m["content"].strip()} for m in messages]
+
         def render(msgs: list[dict], assistant_next: bool) -> str:
             if not msgs:
                 return ""
@@ -376,11 +381,12 @@ def _iter_examples(
         for line, offset, raw in _lines(Path(path)):
             if not raw.strip():
                 continue  # blank lines are not records
+            report.n_records += 1
             try:
                 record = load_line(raw, first=line == 1)
                 if task is not None and "task" in record and record["task"] != task:
+                    report.n_records -= 1  # another task's record
                     continue
-                report.n_records += 1
                 rid = record_id(record)
                 subtask = None
                 if task is not None:

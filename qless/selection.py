@@ -46,6 +46,10 @@ def read_record_line(f, path: str, offset: int, rid: str | None, sha: str | None
         who = f"record {rid!r}"
     if not isinstance(offset, int) or offset < 0:
         raise SourceChangedError(f"{where}: not a JSONL line offset for {who}")
+    if offset >= os.fstat(f.fileno()).st_size:
+        raise SourceChangedError(
+            f"{where} is past the end of the file; the file changed since {who} was read"
+        )
     if offset > 0:
         f.seek(offset - 1)
         if f.read(1) != b"\n":
@@ -54,14 +58,6 @@ def read_record_line(f, path: str, offset: int, rid: str | None, sha: str | None
             )
     f.seek(offset)
     raw = f.readline()
-    if not raw:
-        raise SourceChangedError(
-            f"{where} is past the end of the file; the file changed since {who} was read"
-        )
-    if sha is not None and line_sha1(raw) != sha:
-        raise SourceChangedError(
-            f"{where}: the line differs from {who} as read (the file changed since it was read)"
-        )
     if rid is None:
         raise SourceChangedError(f"{where}: {who}; cannot verify the line")
     try:
@@ -71,6 +67,10 @@ def read_record_line(f, path: str, offset: int, rid: str | None, sha: str | None
     if found != rid:
         raise SourceChangedError(
             f"{where} now holds record {found!r}, not {who} (the file changed since it was read)"
+        )
+    if sha is not None and line_sha1(raw) != sha:
+        raise SourceChangedError(
+            f"{where}: the line differs from {who} as read (the file changed since it was read)"
         )
     return raw
 
