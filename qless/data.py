@@ -148,18 +148,18 @@ class _Parsed:
 def _parse(record: Any) -> _Parsed:
     """Validate a record and normalize it; raises ValueError(reason)."""
     if not isinstance(record, dict):
-        raise ValueError("not a JSON object")
+        raise ValueError("not a JSON object")  # noqa: TRY004 (a data error, reported as DataError)
     if "messages" in record:
         msgs = record["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise ValueError("'messages' must be a non-empty list")
         for i, m in enumerate(msgs, 1):
             if not isinstance(m, dict):
-                raise ValueError(f"message {i} is not an object")
+                raise ValueError(f"message {i} is not an object")  # noqa: TRY004
             if m.get("role") not in ROLES:
                 raise ValueError(f"message {i}: unknown role {m.get('role')!r}")
             if not isinstance(m.get("content"), str):
-                raise ValueError(f"message {i}: 'content' must be a string")
+                raise ValueError(f"message {i}: 'content' must be a string")  # noqa: TRY004
         answers = [i for i, m in enumerate(msgs, 1) if m["role"] == "assistant"]
         if not answers:
             raise ValueError("no response (no assistant message)")
@@ -167,7 +167,9 @@ def _parse(record: Any) -> _Parsed:
             if not msgs[i - 1]["content"].strip():
                 raise ValueError(f"empty response (message {i})")
         return _Parsed(
-            "messages", "messages", tuple({"role": m["role"], "content": m["content"]} for m in msgs)
+            "messages",
+            "messages",
+            tuple({"role": m["role"], "content": m["content"]} for m in msgs),
         )
     if "prompt" in record or "completion" in record:
         if "completion" not in record:
@@ -250,7 +252,6 @@ def encode_messages(
 
         special = True  # LESS tokenizes with the tokenizer's default special tokens (BOS)
     else:
-
         # Contents are stripped as LESS's concat_messages strips them; this also keeps a reply's
         # leading whitespace from merging into the masked header token ("\n" + "  x" -> "\n ").
         messages = [{"role": m["role"], "content": m["content"].strip()} for m in messages]
@@ -269,7 +270,11 @@ def encode_messages(
     for idx, m in enumerate(messages):
         if m["role"] == "assistant":
             continue
-        start = 0 if idx == 0 else len(_ids(tokenizer, render(messages[:idx], False), max_length, special))
+        start = (
+            0
+            if idx == 0
+            else len(_ids(tokenizer, render(messages[:idx], False), max_length, special))
+        )
         assistant_next = idx + 1 < len(messages) and messages[idx + 1]["role"] == "assistant"
         end = len(_ids(tokenizer, render(messages[: idx + 1], assistant_next), max_length, special))
         labels[start:end] = [IGNORE_INDEX] * len(labels[start:end])
@@ -345,7 +350,7 @@ def load_line(raw: bytes, first: bool = False) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(record, dict):
-        raise ValueError("not a JSON object")
+        raise ValueError("not a JSON object")  # noqa: TRY004
     return record
 
 
@@ -429,7 +434,11 @@ def iter_pool(
 ) -> Iterator[Example]:
     """Stream a pool's examples in file and line order; skipped lines go to ``report``."""
     return _iter_examples(
-        paths, tokenizer, max_length, skip_invalid, chat_format,
+        paths,
+        tokenizer,
+        max_length,
+        skip_invalid,
+        chat_format,
         report if report is not None else ReadReport(),
     )
 

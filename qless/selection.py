@@ -91,8 +91,11 @@ def write_selected(rows: Iterable[Mapping | Example], out_path: str | os.PathLik
     n = 0
     with ExitStack() as stack:
         files: dict[str, Any] = {}
-        tmp = tempfile.NamedTemporaryFile(
-            "wb", dir=out_path.parent or ".", prefix=out_path.name + ".", suffix=".tmp",
+        tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below; renamed or removed)
+            "wb",
+            dir=out_path.parent or ".",
+            prefix=out_path.name + ".",
+            suffix=".tmp",
             delete=False,
         )
         try:
@@ -110,8 +113,11 @@ def write_selected(rows: Iterable[Mapping | Example], out_path: str | os.PathLik
                                 f"{src}: no such file (source of record {rid!r})"
                             ) from None
                     raw = read_record_line(
-                        files[src], src, _field(row, "offset"),
-                        None if rid is None else str(rid), _field(row, "line_sha1"),
+                        files[src],
+                        src,
+                        _field(row, "offset"),
+                        None if rid is None else str(rid),
+                        _field(row, "line_sha1"),
                     )
                     tmp.write(raw if raw.endswith(b"\n") else raw + b"\n")
                     n += 1

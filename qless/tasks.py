@@ -48,15 +48,50 @@ TASK_CHAT_FORMATS = ("tulu", "plain", "template")
 
 # LESS's copy of open-instruct's TyDiQA templates: (instruction, passage, question, answer).
 TYDIQA_TEMPLATES = {
-    "english": ("Answer the following question based on the information in the given passage.", "Passage:", "Question:", "Answer:"),  # noqa: E501
-    "arabic": ("أجب على السؤال التالي بناءً على المعلومات في المقطع المعطى.", "المقطع:", "السؤال:", "الإجابة:"),  # noqa: E501
-    "bengali": ("প্রদত্ত অধ্যায়ের তথ্যের উপর ভিত্তি করে নিম্নলিখিত প্রশ্নের উত্তর দিন।", "অধ্যায়:", "প্রশ্ন:", "উত্তর:"),  # noqa: E501
-    "finnish": ("Vastaa seuraavaan kysymykseen annetun kappaleen tiedon perusteella.", "Kappale:", "Kysymys:", "Vastaus:"),  # noqa: E501
-    "indonesian": ("Jawab pertanyaan berikut berdasarkan informasi di bagian yang diberikan.", "Bagian:", "Pertanyaan:", "Jawaban:"),  # noqa: E501
+    "english": (
+        "Answer the following question based on the information in the given passage.",
+        "Passage:",
+        "Question:",
+        "Answer:",
+    ),
+    "arabic": (
+        "أجب على السؤال التالي بناءً على المعلومات في المقطع المعطى.",
+        "المقطع:",
+        "السؤال:",
+        "الإجابة:",
+    ),
+    "bengali": (
+        "প্রদত্ত অধ্যায়ের তথ্যের উপর ভিত্তি করে নিম্নলিখিত প্রশ্নের উত্তর দিন।",
+        "অধ্যায়:",
+        "প্রশ্ন:",
+        "উত্তর:",
+    ),
+    "finnish": (
+        "Vastaa seuraavaan kysymykseen annetun kappaleen tiedon perusteella.",
+        "Kappale:",
+        "Kysymys:",
+        "Vastaus:",
+    ),
+    "indonesian": (
+        "Jawab pertanyaan berikut berdasarkan informasi di bagian yang diberikan.",
+        "Bagian:",
+        "Pertanyaan:",
+        "Jawaban:",
+    ),
     "korean": ("주어진 문단의 정보에 기반하여 다음 질문에 답하십시오.", "문단:", "질문:", "답변:"),
-    "russian": ("Ответьте на следующий вопрос на основе информации в данном отрывке.", "Отрывок:", "Вопрос:", "Ответ:"),  # noqa: E501
-    "swahili": ("Jibu swali lifuatalo kulingana na habari kwenye kifungu kilichotolewa.", "Kifungu:", "Swali:", "Jibu:"),  # noqa: E501
-    "telugu": ("ఇచ్చిన పేరాలోని సమాచారం ఆధారంగా కింది ప్రశ్నకు సమాధానం ఇవ్వండి.", "పేరా:", "ప్రశ్న:", "సమాధానం:"),  # noqa: E501
+    "russian": (
+        "Ответьте на следующий вопрос на основе информации в данном отрывке.",
+        "Отрывок:",
+        "Вопрос:",
+        "Ответ:",
+    ),
+    "swahili": (
+        "Jibu swali lifuatalo kulingana na habari kwenye kifungu kilichotolewa.",
+        "Kifungu:",
+        "Swali:",
+        "Jibu:",
+    ),
+    "telugu": ("ఇచ్చిన పేరాలోని సమాచారం ఆధారంగా కింది ప్రశ్నకు సమాధానం ఇవ్వండి.", "పేరా:", "ప్రశ్న:", "సమాధానం:"),
 }
 
 
@@ -77,9 +112,23 @@ class _Item:
     ``plain`` is LESS's query for ``use_chat_format=False`` (task-specific).
     """
 
-    __slots__ = ("task", "subtask", "index", "user", "prefix", "answer", "plain", "file", "offset", "line", "where")  # noqa: E501
+    __slots__ = (
+        "answer",
+        "file",
+        "index",
+        "line",
+        "offset",
+        "plain",
+        "prefix",
+        "subtask",
+        "task",
+        "user",
+        "where",
+    )
 
-    def __init__(self, task, subtask, index, user, prefix, answer, plain, file, offset, line, where):  # noqa: E501
+    def __init__(
+        self, task, subtask, index, user, prefix, answer, plain, file, offset, line, where
+    ):
         self.task, self.subtask, self.index = task, subtask, index
         self.user, self.prefix, self.answer, self.plain = user, prefix, answer, plain
         self.file, self.offset, self.line, self.where = file, offset, line, where
@@ -108,18 +157,33 @@ def _mmlu_items(data_dir: Path) -> list[_Item]:
         path = dev / f"{subject}_dev.csv"
         for i, (row, offset, line) in enumerate(_csv_records(path)[:5]):
             if len(row) < 3:
-                raise DataError(f"{path}:{line}", f"expected question, choices, answer; got {len(row)} fields")  # noqa: E501
+                raise DataError(
+                    f"{path}:{line}", f"expected question, choices, answer; got {len(row)} fields"
+                )
             # LESS: format_subject -> " " + words joined by " " (hence the double space).
-            prompt = "The following are multiple choice questions (with answers) about {}.\n\n".format(  # noqa: E501
-                "".join(" " + w for w in subject.split("_"))
+            prompt = (
+                "The following are multiple choice questions (with answers) about {}.\n\n".format(
+                    "".join(" " + w for w in subject.split("_"))
+                )
             )
             prompt += row[0]
             for letter, choice in zip("ABCD", row[1:-1]):
-                prompt += "\n{}. {}".format(letter, choice)
+                prompt += f"\n{letter}. {choice}"
             prompt += "\nAnswer:"
             items.append(
-                _Item("mmlu", subject, i, prompt, "The answer is:", " " + row[-1], prompt,
-                      str(path), offset, line, f"{path}:{line}")
+                _Item(
+                    "mmlu",
+                    subject,
+                    i,
+                    prompt,
+                    "The answer is:",
+                    " " + row[-1],
+                    prompt,
+                    str(path),
+                    offset,
+                    line,
+                    f"{path}:{line}",
+                )
             )
     return items
 
@@ -154,7 +218,7 @@ def _bbh_items(data_dir: Path) -> list[_Item]:
         shots, task_prompt = parts[-3:], "\n\n".join(parts[:-3])
         for i, target in enumerate(shots):
             where = f"{path} ({task} shot {i})"
-            others = shots[:i] + shots[i + 1:]
+            others = shots[:i] + shots[i + 1 :]
             icl = ""
             for ex in others:
                 q, a = _split_shot(ex, where)
@@ -188,12 +252,21 @@ def _tydiqa_items(data_dir: Path, zh: bool = False) -> list[_Item]:
         ex = examples[lang][0]
         prompt, p_t, q_t, a_t = TYDIQA_TEMPLATES[lang]
         if zh:
-            prompt, p_t, q_t, a_t = ("根据所给文章中的信息回答以下问题。", "文章:", "问题:", "答案:")
-        prompt += p_t + " " + format(ex["context"]) + "\n" + q_t + " " + format(ex["question"]) + "\n"  # noqa: E501
+            prompt, p_t, q_t, a_t = (
+                "根据所给文章中的信息回答以下问题。",
+                "文章:",
+                "问题:",
+                "答案:",
+            )
+        prompt += (
+            p_t + " " + format(ex["context"]) + "\n" + q_t + " " + format(ex["question"]) + "\n"
+        )
         answer = " " + format(ex["answers"][0]["text"])
         # tulu: "<|user|>\n" + prompt + "<|assistant|>\n" + a_t; prompt ends with "\n".
         items.append(
-            _Item("tydiqa", lang, 0, prompt[:-1], a_t, answer, prompt + a_t, str(path), -1, 0, where)
+            _Item(
+                "tydiqa", lang, 0, prompt[:-1], a_t, answer, prompt + a_t, str(path), -1, 0, where
+            )
         )
     return items
 
@@ -207,7 +280,7 @@ _BUILDERS: dict[str, Callable[[Path], list[_Item]]] = {
 
 def _encode_less(tokenizer, query: str, answer: str, max_length: int, special: bool):
     "LESS's ``tokenize``: labels = full ids with the query's tokens masked."
-    enc = dict(max_length=max_length, truncation=True, add_special_tokens=special)
+    enc = {"max_length": max_length, "truncation": True, "add_special_tokens": special}
     query_ids = tokenizer(query, **enc)["input_ids"]
     input_ids = list(tokenizer(query + answer, **enc)["input_ids"])
     labels = list(input_ids)
@@ -224,21 +297,41 @@ def _tokenize_items(items, tokenizer, max_length, chat_format) -> list[Example]:
         )
         n_resp = sum(1 for x in labels if x != IGNORE_INDEX)
         if n_resp == 0:
-            raise DataError(it.where, f"no response tokens left after truncation to {max_length} tokens")  # noqa: E501
-        meta = {"source": it.task, "task": it.task, "tokens": len(input_ids), "n_response_tokens": n_resp}  # noqa: E501
+            raise DataError(
+                it.where, f"no response tokens left after truncation to {max_length} tokens"
+            )
+        meta = {
+            "source": it.task,
+            "task": it.task,
+            "tokens": len(input_ids),
+            "n_response_tokens": n_resp,
+        }
         out.append(
-            Example(f"{it.task}/{it.subtask}/{it.index}", input_ids, labels,
-                    str(Path(it.file).resolve()), it.offset, it.line, it.subtask, meta)
+            Example(
+                f"{it.task}/{it.subtask}/{it.index}",
+                input_ids,
+                labels,
+                str(Path(it.file).resolve()),
+                it.offset,
+                it.line,
+                it.subtask,
+                meta,
+            )
         )
     return out
 
 
-def task_prompts(name: str, data_dir: str | os.PathLike, tokenizer=None, chat_format: str = "tulu") -> list[tuple[str, str, str]]:  # noqa: E501
+def task_prompts(
+    name: str, data_dir: str | os.PathLike, tokenizer=None, chat_format: str = "tulu"
+) -> list[tuple[str, str, str]]:
     """(id, query, answer) text of a built-in task, before tokenization (for inspection)."""
     if name not in TASKS:
         raise ValueError(f"unknown built-in task {name!r}; built-ins: {', '.join(TASKS)}")
     items = _BUILDERS[name](Path(data_dir))
-    return [(f"{it.task}/{it.subtask}/{it.index}", it.query(tokenizer, chat_format), it.answer) for it in items]  # noqa: E501
+    return [
+        (f"{it.task}/{it.subtask}/{it.index}", it.query(tokenizer, chat_format), it.answer)
+        for it in items
+    ]
 
 
 def load_task(
@@ -264,14 +357,16 @@ def load_task(
     if path is not None:
         report = ReadReport()
         examples = list(
-            _iter_examples(path, tokenizer, max_length, False, chat_format or "auto", report, task=name)  # noqa: E501
+            _iter_examples(
+                path, tokenizer, max_length, False, chat_format or "auto", report, task=name
+            )
         )
         if not examples:
             raise DataError(str(path), f"no records for task {name!r}")
         return examples
     if name not in TASKS:
         raise ValueError(
-            f"unknown task {name!r}: built-ins are {', '.join(TASKS)} (demo: {', '.join(DEMO_TASKS)}); "  # noqa: E501
+            f"unknown task {name!r}: built-ins are {', '.join(TASKS)} (demo: {', '.join(DEMO_TASKS)}); "
             "pass path= for a JSONL task"
         )
     if data_dir is None:

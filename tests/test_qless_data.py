@@ -86,12 +86,19 @@ def full_text(tok, ex: Example) -> str:
 
 
 def test_three_formats_parse(tok, tmp_path):
-    p = write_jsonl(tmp_path / "pool.jsonl", [
-        {"id": "m1", "source": "dolly", "category": "open_qa",
-         "messages": msgs(("u", "What is 2+2?"), ("a", "4"))},
-        {"id": "p1", "prompt": "Q: capital of France?\nA:", "completion": "Paris"},
-        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
-    ])
+    p = write_jsonl(
+        tmp_path / "pool.jsonl",
+        [
+            {
+                "id": "m1",
+                "source": "dolly",
+                "category": "open_qa",
+                "messages": msgs(("u", "What is 2+2?"), ("a", "4")),
+            },
+            {"id": "p1", "prompt": "Q: capital of France?\nA:", "completion": "Paris"},
+            {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+        ],
+    )
     examples, report = read_pool(p, tok)
     assert [e.metadata["format"] for e in examples] == ["messages", "prompt_completion", "alpaca"]
     assert [e.id for e in examples[:2]] == ["m1", "p1"]
@@ -108,8 +115,13 @@ def test_three_formats_parse(tok, tmp_path):
 
 
 def test_template_masking_covers_exactly_the_assistant_turns(tok, tmp_path):
-    m = msgs(("s", "Be brief."), ("u", "Hi there"), ("a", "Hello! How can I help?"),
-             ("u", "Name a prime."), ("a", "  Seven is prime.\n"))
+    m = msgs(
+        ("s", "Be brief."),
+        ("u", "Hi there"),
+        ("a", "Hello! How can I help?"),
+        ("u", "Name a prime."),
+        ("a", "  Seven is prime.\n"),
+    )
     (ex,), _ = read_pool(write_jsonl(tmp_path / "a.jsonl", [{"messages": m}]), tok)
     stripped = [{"role": x["role"], "content": x["content"].strip()} for x in m]  # as LESS does
     assert full_text(tok, ex) == tok.apply_chat_template(stripped, tokenize=False)
@@ -117,25 +129,34 @@ def test_template_masking_covers_exactly_the_assistant_turns(tok, tmp_path):
     # unmasked labels are the tokens themselves; the masked ones decode to everything else
     assert all(label in (IGNORE_INDEX, i) for i, label in zip(ex.input_ids, ex.labels))
     masked = tok.decode([i for i, label in zip(ex.input_ids, ex.labels) if label == IGNORE_INDEX])
-    assert masked == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
-                      "<|im_start|>assistant\n<|im_start|>user\nName a prime.<|im_end|>\n"
-                      "<|im_start|>assistant\n")
+    assert masked == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+        "<|im_start|>assistant\n<|im_start|>user\nName a prime.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
 
 
 def test_tulu_masking_is_less_concat_messages(tok, tmp_path):
     m = msgs(("u", " What is the capital of Peru? "), ("a", " Lima. "))
-    (ex,), _ = read_pool(write_jsonl(tmp_path / "a.jsonl", [{"messages": m}]), tok,
-                         chat_format="tulu")
-    assert full_text(tok, ex) == "<|user|>\nWhat is the capital of Peru?\n<|assistant|>\nLima.<|im_end|>\n"
+    (ex,), _ = read_pool(
+        write_jsonl(tmp_path / "a.jsonl", [{"messages": m}]), tok, chat_format="tulu"
+    )
+    assert (
+        full_text(tok, ex)
+        == "<|user|>\nWhat is the capital of Peru?\n<|assistant|>\nLima.<|im_end|>\n"
+    )
     assert full_text(tok, ex) == concat_messages_tulu(m, tok.eos_token)
     assert response_text(tok, ex) == "Lima.<|im_end|>\n"
 
 
 def test_prompt_completion_is_less_encoding(tok, tmp_path):
-    p = write_jsonl(tmp_path / "a.jsonl", [
-        {"prompt": "Translate 'chat':", "completion": "cat"},
-        {"prompt": "Translate 'chien': ", "completion": "dog"},
-    ])
+    p = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"prompt": "Translate 'chat':", "completion": "cat"},
+            {"prompt": "Translate 'chien': ", "completion": "dog"},
+        ],
+    )
     (a, b), _ = read_pool(p, tok)
     assert full_text(tok, a) == "Translate 'chat': cat<|im_end|>"  # LESS inserts the space
     assert response_text(tok, a) == " cat<|im_end|>"
@@ -146,12 +167,18 @@ def test_prompt_completion_is_less_encoding(tok, tmp_path):
 
 
 def test_alpaca_becomes_one_user_and_one_assistant_turn(tok, tmp_path):
-    p = write_jsonl(tmp_path / "a.jsonl", [
-        {"instruction": "Summarize.", "input": "A long text.", "output": "Short."},
-        {"instruction": "Say hi.", "input": "", "output": "Hi!"},
-    ])
+    p = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"instruction": "Summarize.", "input": "A long text.", "output": "Short."},
+            {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+        ],
+    )
     (a, b), _ = read_pool(p, tok, chat_format="tulu")
-    assert full_text(tok, a) == "<|user|>\nSummarize.\n\nA long text.\n<|assistant|>\nShort.<|im_end|>\n"
+    assert (
+        full_text(tok, a)
+        == "<|user|>\nSummarize.\n\nA long text.\n<|assistant|>\nShort.<|im_end|>\n"
+    )
     assert full_text(tok, b) == "<|user|>\nSay hi.\n<|assistant|>\nHi!<|im_end|>\n"
 
 
@@ -187,18 +214,33 @@ def test_ids_are_stable_under_moves_and_key_order(tok, tmp_path):
     canon = json.dumps(a, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     assert a1.id == content_hash(a) == hashlib.sha1(canon.encode()).hexdigest()
     reordered = tmp_path / "three.jsonl"
-    reordered.write_text('{"messages": [{"content": "Hi", "role": "user"}, '
-                         '{"content": "Hello", "role": "assistant"}]}\n')
+    reordered.write_text(
+        '{"messages": [{"content": "Hi", "role": "user"}, '
+        '{"content": "Hello", "role": "assistant"}]}\n'
+    )
     assert read_pool(reordered, tok)[0][0].id == a1.id
     assert a2.line == 3  # the blank line counts as a line, never as a record
 
 
 def test_offsets_and_lines_reread_the_exact_line(tok, tmp_path):
-    recs = [{"id": f"r{i}", "messages": msgs(("u", f"Frage {i}: Grüße, 日本?"), ("a", f"Antwort {i} ✓"))}
-            for i in range(4)]
+    recs = [
+        {
+            "id": f"r{i}",
+            "messages": msgs(("u", f"Frage {i}: Grüße, 日本?"), ("a", f"Antwort {i} ✓")),
+        }
+        for i in range(4)
+    ]
     p = tmp_path / "mixed.jsonl"
-    body = (json.dumps(recs[0], ensure_ascii=False) + "\r\n" + "\n" + json.dumps(recs[1]) + "\n"
-            + json.dumps(recs[2], ensure_ascii=False) + "\n" + json.dumps(recs[3], ensure_ascii=False))
+    body = (
+        json.dumps(recs[0], ensure_ascii=False)
+        + "\r\n"
+        + "\n"
+        + json.dumps(recs[1])
+        + "\n"
+        + json.dumps(recs[2], ensure_ascii=False)
+        + "\n"
+        + json.dumps(recs[3], ensure_ascii=False)
+    )
     p.write_bytes(body.encode("utf-8"))
     examples, _ = read_pool(p, tok)
     raw_lines = p.read_bytes().splitlines(keepends=True)
@@ -214,18 +256,24 @@ def test_offsets_and_lines_reread_the_exact_line(tok, tmp_path):
 BAD_LINES = [
     ("{not json", "invalid JSON: Expecting property name enclosed in double quotes (column 2)"),
     ("[1, 2]", "not a JSON object"),
-    ('{"text": "hello"}',
-     "unknown format: expected 'messages', 'prompt'/'completion' or 'instruction'/'output'"),
+    (
+        '{"text": "hello"}',
+        "unknown format: expected 'messages', 'prompt'/'completion' or 'instruction'/'output'",
+    ),
     ('{"messages": [{"role": "user", "content": "Hi"}]}', "no response (no assistant message)"),
-    ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]}',
-     "empty response (message 2)"),
+    (
+        '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]}',
+        "empty response (message 2)",
+    ),
     ('{"messages": [{"role": "bot", "content": "Hi"}]}', "message 1: unknown role 'bot'"),
     ('{"messages": []}', "'messages' must be a non-empty list"),
     ('{"prompt": "Hi"}', "no response ('prompt' without 'completion')"),
     ('{"prompt": "Hi", "completion": ""}', "empty response ('completion')"),
     ('{"instruction": "Hi", "output": "\\n"}', "empty response ('output')"),
-    ('{"id": "", "prompt": "a", "completion": "b"}',
-     "'id' must be a non-empty string or an integer"),
+    (
+        '{"id": "", "prompt": "a", "completion": "b"}',
+        "'id' must be a non-empty string or an integer",
+    ),
 ]
 
 
@@ -242,14 +290,21 @@ def test_bad_line_errors_name_file_and_line(tok, tmp_path, line, reason):
 def test_non_utf8_line(tok, tmp_path):
     p = tmp_path / "latin1.jsonl"
     p.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "x"}\n')
-    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 16\)$"):
+    with pytest.raises(
+        DataError, match=r"latin1\.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 16\)$"
+    ):
         read_pool(p, tok)
 
 
 def test_duplicate_ids_name_both_lines(tok, tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"id": "x", "prompt": "a", "completion": "b"}])
-    b = write_jsonl(tmp_path / "b.jsonl", [{"id": "y", "prompt": "a", "completion": "b"},
-                                           {"id": "x", "prompt": "c", "completion": "d"}])
+    b = write_jsonl(
+        tmp_path / "b.jsonl",
+        [
+            {"id": "y", "prompt": "a", "completion": "b"},
+            {"id": "x", "prompt": "c", "completion": "d"},
+        ],
+    )
     with pytest.raises(DataError) as e:
         read_pool([a, b], tok)
     assert str(e.value) == f"{b}:2: duplicate id 'x' (first at {a}:1)"
@@ -263,10 +318,16 @@ def test_duplicate_ids_name_both_lines(tok, tmp_path):
 
 
 def test_skip_invalid_collects_a_report(tok, tmp_path):
-    p = write_jsonl(tmp_path / "p.jsonl", [
-        {"id": "1", "prompt": "a", "completion": "b"}, "{oops", "",
-        {"id": "2", "messages": msgs(("u", "x"))}, {"id": "3", "prompt": "c", "completion": "d"},
-    ])
+    p = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"id": "1", "prompt": "a", "completion": "b"},
+            "{oops",
+            "",
+            {"id": "2", "messages": msgs(("u", "x"))},
+            {"id": "3", "prompt": "c", "completion": "d"},
+        ],
+    )
     report = ReadReport()
     examples = list(iter_pool(p, tok, skip_invalid=True, report=report))
     assert [e.id for e in examples] == ["1", "3"]
@@ -305,7 +366,10 @@ def _pool_with_awkward_lines(tmp_path):
         json.dumps({"id": "a", "prompt": "é", "completion": "ü"}, ensure_ascii=False) + "\r\n",
         json.dumps({"prompt": "plain", "completion": "ascii"}) + "\n",
         "\n",
-        json.dumps({"id": "c", "messages": msgs(("u", "日本語"), ("a", "はい"))}, ensure_ascii=False) + "\n",
+        json.dumps(
+            {"id": "c", "messages": msgs(("u", "日本語"), ("a", "はい"))}, ensure_ascii=False
+        )
+        + "\n",
         json.dumps({"id": "d", "prompt": "last", "completion": "no newline"}),
     ]
     p.write_bytes("".join(lines).encode("utf-8"))
@@ -319,8 +383,15 @@ def test_write_selected_copies_lines_byte_for_byte(tok, tmp_path):
     rows = [examples[3].to_row(), examples[0].to_row(), examples[2], examples[1].to_row()]
     assert write_selected(rows, out) == 4
     assert out.read_bytes() == raw[4] + b"\n" + raw[0] + raw[3] + raw[1]
-    rows_meta = [{"id": e.id, "source_file": e.source_file, "offset": e.offset,
-                  "metadata": {"line_sha1": e.metadata["line_sha1"]}} for e in examples]
+    rows_meta = [
+        {
+            "id": e.id,
+            "source_file": e.source_file,
+            "offset": e.offset,
+            "metadata": {"line_sha1": e.metadata["line_sha1"]},
+        }
+        for e in examples
+    ]
     write_selected(rows_meta[:2], out)
     assert out.read_bytes() == raw[0] + raw[1]
 
@@ -331,7 +402,9 @@ def test_write_selected_refuses_a_changed_source(tok, tmp_path):
     rows = [e.to_row() for e in examples]
     out = tmp_path / "out.jsonl"
     p.write_bytes(b'{"id": "new", "prompt": "x", "completion": "y"}\n' + b"".join(raw))  # shifted
-    with pytest.raises(SourceChangedError, match=r"byte offset 0 now holds record 'new', not record 'a'"):
+    with pytest.raises(
+        SourceChangedError, match=r"byte offset 0 now holds record 'new', not record 'a'"
+    ):
         write_selected(rows[:1], out)
     with pytest.raises(SourceChangedError, match="no longer starts a line"):
         write_selected(rows[1:2], out)
@@ -355,13 +428,19 @@ def test_write_selected_refuses_a_changed_source(tok, tmp_path):
 
 
 def test_jsonl_task_with_subtasks(tok, tmp_path):
-    p = write_jsonl(tmp_path / "t.jsonl", [
-        {"task": "alpha", "subtask": "s1", "messages": msgs(("u", "q1"), ("a", "a1"))},
-        {"task": "beta", "subtask": "s1", "messages": msgs(("u", "q2"), ("a", "a2"))},
-        {"task": "alpha", "subtask": "s2", "prompt": "q3", "completion": "a3"},
-    ])
+    p = write_jsonl(
+        tmp_path / "t.jsonl",
+        [
+            {"task": "alpha", "subtask": "s1", "messages": msgs(("u", "q1"), ("a", "a1"))},
+            {"task": "beta", "subtask": "s1", "messages": msgs(("u", "q2"), ("a", "a2"))},
+            {"task": "alpha", "subtask": "s2", "prompt": "q3", "completion": "a3"},
+        ],
+    )
     ex = load_task("alpha", tok, path=p)
-    assert [(e.subtask, e.line, e.metadata["task"]) for e in ex] == [("s1", 1, "alpha"), ("s2", 3, "alpha")]
+    assert [(e.subtask, e.line, e.metadata["task"]) for e in ex] == [
+        ("s1", 1, "alpha"),
+        ("s2", 3, "alpha"),
+    ]
     with pytest.raises(DataError, match=r"no records for task 'gamma'"):
         load_task("gamma", tok, path=p)
     q = write_jsonl(tmp_path / "q.jsonl", [{"messages": msgs(("u", "q"), ("a", "a"))}])
@@ -375,8 +454,11 @@ def test_unknown_task_and_missing_data_dir(tok, tmp_path):
         load_task("nope", tok)
     with pytest.raises(ValueError, match="needs data_dir"):
         load_task("mmlu", tok)
-    for name, missing in [("mmlu", "eval/mmlu/dev"), ("bbh", "eval/bbh/bbh-three-shot.json"),
-                          ("tydiqa", "eval/tydiqa/tydiqa-one-shot.json")]:
+    for name, missing in [
+        ("mmlu", "eval/mmlu/dev"),
+        ("bbh", "eval/bbh/bbh-three-shot.json"),
+        ("tydiqa", "eval/tydiqa/tydiqa-one-shot.json"),
+    ]:
         with pytest.raises(TaskDataError) as e:
             load_task(name, tok, data_dir=tmp_path)
         assert str(e.value).startswith(f"{tmp_path / missing}: no such")
@@ -391,31 +473,59 @@ def tiny_less_dir(tmp_path):
         w = csv.writer(f)
         w.writerow(["What is\nforce?", "m*a", "m/a", "a/m", "m+a", "A"])
         w.writerow(["Unit of power?", "J", "W", "N", "Pa", "B"])
-    bbh = ("Task intro.\n\nQ: q1?\nA: Let's think. So the answer is x.\n\n"
-           "Q: q2?\nA: Think. So the answer is y.\n\nQ: q3?\nA: So the answer is z.")
+    bbh = (
+        "Task intro.\n\nQ: q1?\nA: Let's think. So the answer is x.\n\n"
+        "Q: q2?\nA: Think. So the answer is y.\n\nQ: q3?\nA: So the answer is z."
+    )
     (d / "eval/bbh").mkdir(parents=True)
     (d / "eval/bbh/bbh-three-shot.json").write_text(json.dumps({"toy": bbh}))
     (d / "eval/tydiqa").mkdir(parents=True)
-    (d / "eval/tydiqa/tydiqa-one-shot.json").write_text(json.dumps({"english": [
-        {"context": "Lima is in Peru.", "question": "Where is Lima?", "answers": [{"text": "Peru"}]}]}))
+    (d / "eval/tydiqa/tydiqa-one-shot.json").write_text(
+        json.dumps(
+            {
+                "english": [
+                    {
+                        "context": "Lima is in Peru.",
+                        "question": "Where is Lima?",
+                        "answers": [{"text": "Peru"}],
+                    }
+                ]
+            }
+        )
+    )
     return d
 
 
 def test_builtin_tasks_follow_less_prompts(tok, tiny_less_dir):
     mmlu = task_prompts("mmlu", tiny_less_dir)
-    assert mmlu[0] == ("mmlu/high_school_physics/0",
-                       "<|user|>\nThe following are multiple choice questions (with answers) about "
-                       " high school physics.\n\nWhat is\nforce?\nA. m*a\nB. m/a\nC. a/m\nD. m+a\n"
-                       "Answer:\n<|assistant|>\nThe answer is:", " A")
+    assert mmlu[0] == (
+        "mmlu/high_school_physics/0",
+        (
+            "<|user|>\nThe following are multiple choice questions (with answers) about "
+            " high school physics.\n\nWhat is\nforce?\nA. m*a\nB. m/a\nC. a/m\nD. m+a\n"
+            "Answer:\n<|assistant|>\nThe answer is:"
+        ),
+        " A",
+    )
     bbh = task_prompts("bbh", tiny_less_dir)
     assert [b[0] for b in bbh] == ["bbh/toy/0", "bbh/toy/1", "bbh/toy/2"]
-    assert bbh[1][1:] == ("<|user|>\nTask intro.\n\nQ: q1?\nA: Let's think. So the answer is x.\n\n"
-                          "Q: q3?\nA: So the answer is z.\n\nQ: q2?\n<|assistant|>\nA:",
-                          " Think. So the answer is y.")
-    assert task_prompts("tydiqa", tiny_less_dir) == [(
-        "tydiqa/english/0",
-        "<|user|>\nAnswer the following question based on the information in the given passage."
-        "Passage: Lima is in Peru.\nQuestion: Where is Lima?\n<|assistant|>\nAnswer:", " Peru")]
+    assert bbh[1][1:] == (
+        (
+            "<|user|>\nTask intro.\n\nQ: q1?\nA: Let's think. So the answer is x.\n\n"
+            "Q: q3?\nA: So the answer is z.\n\nQ: q2?\n<|assistant|>\nA:"
+        ),
+        " Think. So the answer is y.",
+    )
+    assert task_prompts("tydiqa", tiny_less_dir) == [
+        (
+            "tydiqa/english/0",
+            (
+                "<|user|>\nAnswer the following question based on the information in the given passage."
+                "Passage: Lima is in Peru.\nQuestion: Where is Lima?\n<|assistant|>\nAnswer:"
+            ),
+            " Peru",
+        )
+    ]
     ex = load_task("mmlu", tok, data_dir=tiny_less_dir)
     assert [(e.id, e.subtask, e.line, e.offset) for e in ex] == [
         ("mmlu/high_school_physics/0", "high_school_physics", 1, 0),
@@ -424,7 +534,8 @@ def test_builtin_tasks_follow_less_prompts(tok, tiny_less_dir):
     assert response_text(tok, ex[1]) == " B"  # no EOS, as in LESS's validation sets
     (ty,) = load_task("tydiqa", tok, data_dir=tiny_less_dir, chat_format="template")
     assert full_text(tok, ty).endswith(
-        "Question: Where is Lima?<|im_end|>\n<|im_start|>assistant\nAnswer: Peru")
+        "Question: Where is Lima?<|im_end|>\n<|im_start|>assistant\nAnswer: Peru"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,14 +547,21 @@ def test_demo_pool_and_tasks(tok):
     examples, report = read_pool(DEMO_POOL_FILE, tok)
     assert len(examples) == 300 and report.n_skipped == 0
     cats = {e.metadata["category"] for e in examples}
-    assert cats == {"arithmetic", "multiple_choice", "logic", "reading_comprehension",
-                    "chit_chat", "creative_writing"}
-    pool_users = {json.loads(line)["messages"][0]["content"] for line in open(DEMO_POOL_FILE, encoding="utf-8")}
+    assert cats == {
+        "arithmetic",
+        "multiple_choice",
+        "logic",
+        "reading_comprehension",
+        "chit_chat",
+        "creative_writing",
+    }
+    pool_lines = DEMO_POOL_FILE.read_text(encoding="utf-8").splitlines()
+    pool_users = {json.loads(line)["messages"][0]["content"] for line in pool_lines}
     for name in DEMO_TASKS:
         ex = load_task(name, tok)
         assert len(ex) == 6 and len({e.subtask for e in ex}) >= 2
         assert all(e.id.startswith(name + "/") for e in ex)
-        for line in open(DEMO_TASKS_FILE, encoding="utf-8"):  # held out from the pool
+        for line in DEMO_TASKS_FILE.read_text(encoding="utf-8").splitlines():  # held out
             assert json.loads(line)["messages"][0]["content"] not in pool_users
 
 
@@ -459,21 +577,22 @@ def test_mmlu_on_real_data(tok, shared_data):
     assert full_text(tok, ex[0]) == (
         "<|user|>\nThe following are multiple choice questions (with answers) about  abstract algebra."
         "\n\nFind all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.\nA. 0\nB. 1\nC. 2\nD. 3\n"
-        "Answer:\n<|assistant|>\nThe answer is: B")
+        "Answer:\n<|assistant|>\nThe answer is: B"
+    )
     assert response_text(tok, ex[0]) == " B"
     # our csv reading equals LESS's pandas.read_csv(header=None) only if pandas keeps every
     # column as text: no column may be all-numeric or hold NA-like values
     na = {"", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "n/a", "#N/A", "<NA>"}
     for f in sorted((shared_data / "eval/mmlu/dev").glob("*.csv")):
-        rows = list(csv.reader(open(f, newline="", encoding="utf-8")))
+        rows = list(csv.reader(io.StringIO(f.read_text(encoding="utf-8"), newline="")))
         for col in zip(*rows):
             assert not any(v in na for v in col), f
             assert not all(v.strip().lstrip("-").replace(".", "", 1).isdigit() for v in col), f
     # the byte offset and line of each CSV record point at it (quoted fields may span lines)
     for e in ex:
         data = Path(e.source_file).read_bytes()
-        row = next(csv.reader(io.StringIO(data[e.offset:].decode("utf-8"), newline="")))
-        rows = list(csv.reader(open(e.source_file, newline="", encoding="utf-8")))
+        row = next(csv.reader(io.StringIO(data[e.offset :].decode("utf-8"), newline="")))
+        rows = list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
         assert row == rows[int(e.id.rsplit("/", 1)[1])]
         assert data[: e.offset].count(b"\n") + 1 == e.line
 
@@ -486,8 +605,18 @@ def test_bbh_on_real_data(tok, shared_data):
     shots = prompts["date_understanding"].split("\n\n")
     intro, (s0, s1, s2) = "\n\n".join(shots[:-3]), shots[-3:]
     q1, a1 = s1.split("\nA:")
-    expected = ("<|user|>\n" + intro.strip() + "\n\n" + s0 + "\n\n" + s2 + "\n\n" + q1
-                + "\n<|assistant|>\nA:" + a1)
+    expected = (
+        "<|user|>\n"
+        + intro.strip()
+        + "\n\n"
+        + s0
+        + "\n\n"
+        + s2
+        + "\n\n"
+        + q1
+        + "\n<|assistant|>\nA:"
+        + a1
+    )
     (e,) = [x for x in ex if x.id == "bbh/date_understanding/1"]
     assert full_text(tok, e) == expected
     assert response_text(tok, e) == a1
@@ -507,7 +636,8 @@ def test_tydiqa_on_real_data(tok, shared_data):
         "The program which featured on the network consists primarily of theatrically released motion "
         "pictures and original television shows, along with made-for-cable movies, documentaries and "
         "occasional comedy and concert specials.\nQuestion: Who owns HBO?\n<|assistant|>\nAnswer: "
-        "Home Box Office")
+        "Home Box Office"
+    )
     assert response_text(tok, e) == " Home Box Office"
 
 
@@ -516,7 +646,9 @@ def test_dolly_file_reads_with_a_report(tok, shared_data):
     path = shared_data / "train/dolly/dolly_00.jsonl"
     examples, report = read_pool(path, tok, skip_invalid=True)
     assert report.n_records == len(examples) + report.n_skipped
-    assert all(s.reason == "no response tokens left after truncation to 2048 tokens"
-               for s in report.skipped)
+    assert all(
+        s.reason == "no response tokens left after truncation to 2048 tokens"
+        for s in report.skipped
+    )
     assert len({e.id for e in examples}) == len(examples)
     assert all(e.id.startswith("dolly_") and e.metadata["source"] == "dolly" for e in examples)
