@@ -69,6 +69,25 @@ def _block_key(set_id: int, ckpt: int, enc: str, block: int) -> bytes:
     return _block_prefix(set_id, ckpt, enc) + _u32(block)
 
 
+def parse_block_key(key) -> tuple[int, int, str, int]:
+    """(set id, checkpoint index, encoding key, block number) of a ``blocks`` key."""
+    key = bytes(key)
+    set_id, ckpt = struct.unpack_from(">II", key)
+    enc = key[8:8 + _ENC_KEY_BYTES].rstrip(b"\0").decode(errors="replace")
+    return set_id, ckpt, enc, struct.unpack_from(">I", key, 8 + _ENC_KEY_BYTES)[0]
+
+
+def _enc_key(layout: dict, name: str) -> str:
+    # The name blocks are stored under: the encoding's own name, or the alternate key that
+    # requantize(replace=True) wrote the replacement under, so the swap is one record update.
+    return layout.get("key", name)
+
+
+def alternate_key(name: str) -> str:
+    """The other block key of an encoding (fits the key width, unlike a suffixed name)."""
+    return f"~{zlib.crc32(name.encode()):08x}"
+
+
 def _loads(raw):
     return json.loads(bytes(raw))  # bytes() also takes the memoryviews of buffers=True reads
 
@@ -416,14 +435,15 @@ class Store:
         encs = [parse_encoding(e) for e in encodings]
         if not encs:
             raise SchemaMismatchError(f"set {set_name!r}: at least one encoding is needed")
-        for enc in encs:
-            if enc.global_scale:
-                raise SchemaMismatchError(
-                    f"encoding {enc.name!r} needs the whole set's scale; write per-row encodings"
-                    " and derive it with requantize")
+        _refuse_global(encs)
         # Quantize outside the write transaction: the writer lock is held only for I/O.
         encoded = {enc.name: quant.quantize(x, enc) for enc in encs} if n else {}
         rows_meta = [_row_record(i, s, m, set_name) for i, s, m in zip(ids, subtasks, metadata)]
+        return self._append_rows(set_name, checkpoint, kind, encs, ids, rows_meta, encoded)
+
+    def _append_rows(self, set_name: str, checkpoint: str, kind: str, encs: list[Encoding],
+                     ids: list[str], rows_meta: list[dict], encoded: dict) -> int:
+        n = len(ids)
 
         def write(txn):
             ckpt = self._checkpoint_index(txn, checkpoint)
@@ -495,7 +515,7 @@ class Store:
         payload, scale, norm = rows.payload, rows.scale, rows.norm
         block = start // block_rows
         if start % block_rows:
-            key = _block_key(rec["id"], ckpt, enc.name, block)
+            key = _block_key(rec["id"], ckpt, _enc_key(layout, enc.name), block)
             old = decode_block(txn.get(key, db=self._dbs["blocks"]), row_bytes, block * block_rows,
                                f"block {block}")
             payload = np.concatenate([old.payload, payload])
@@ -503,7 +523,7 @@ class Store:
             norm = np.concatenate([old.norm, norm])
         for lo in range(0, len(scale), block_rows):
             hi = lo + block_rows
-            key = _block_key(rec["id"], ckpt, enc.name, block + lo // block_rows)
+            key = _block_key(rec["id"], ckpt, _enc_key(layout, enc.name), block + lo // block_rows)
             txn.put(key, encode_block(payload[lo:hi], scale[lo:hi], norm[lo:hi]), db=self._dbs["blocks"])
 
     # ---- reading --------------------------------------------------------------------
@@ -531,7 +551,8 @@ class Store:
                 blocks = []
                 for c, ci in zip(checkpoints, idx):
                     where = f"{self.path}: set {set_name!r} checkpoint {c!r} encoding {enc.name} block {b}"
-                    raw = txn.get(_block_key(rec["id"], ci, enc.name, b), db=self._dbs["blocks"])
+                    raw = txn.get(_block_key(rec["id"], ci, _enc_key(layout, enc.name), b),
+                                  db=self._dbs["blocks"])
                     if raw is None:
                         raise CorruptStoreError(f"{where}: missing")
                     blk = decode_block(raw, layout["row_bytes"], start, where, verify)
@@ -572,7 +593,7 @@ class Store:
                 for enc in rec["encodings"]:
                     total = 0
                     for ci in range(len(ckpts)):
-                        prefix = _block_prefix(rec["id"], ci, enc)
+                        prefix = _block_prefix(rec["id"], ci, _enc_key(rec["encodings"][enc], enc))
                         cur = txn.cursor(db=self._dbs["blocks"])
                         if cur.set_range(prefix):
                             for bk, bv in cur:
@@ -583,6 +604,7 @@ class Store:
                 sets.append((rec["id"], bytes(k).decode(), {
                     "kind": rec["kind"], "rows": rec["n_rows"], "subtasks": len(rec["subtasks"]),
                     "written": rec["written"], "encodings": sizes,
+                    "scales": rec.get("scales", {}),
                 }))
         return {
             "path": self.path,
@@ -610,6 +632,140 @@ class Store:
         rows = self.read(set_name, checkpoint, encoding)
         return quant.dequantize(rows.payload, rows.scale, encoding, self.dim)
 
+    # ---- maintenance: what gradstore.ops (merge, requantize, check) builds on ------------
+    def read_range(self, set_name: str, checkpoint: str, encoding: str, start: int,
+                   stop: int) -> quant.QuantizedRows:
+        """Stored rows start..stop-1 of one (set, checkpoint, encoding), copied; reads only their blocks."""
+        enc = parse_encoding(encoding)
+        with self.env.begin(buffers=True) as txn:
+            rec = self._set_record(txn, set_name)
+            layout = self._encoding_layout(rec, set_name, enc)
+            ci = self._checkpoint_index(txn, checkpoint)
+            n = rec["written"].get(checkpoint, 0)
+            if not 0 <= start <= stop <= n:
+                raise ValueError(f"set {set_name!r} checkpoint {checkpoint!r}: rows {start}..{stop}"
+                                 f" are outside the {n} written")
+            br, rb = layout["block_rows"], layout["row_bytes"]
+            parts = []
+            for b in range(start // br, (stop + br - 1) // br):
+                where = f"{self.path}: set {set_name!r} checkpoint {checkpoint!r} encoding {enc.name} block {b}"
+                raw = txn.get(_block_key(rec["id"], ci, _enc_key(layout, enc.name), b), db=self._dbs["blocks"])
+                if raw is None:
+                    raise CorruptStoreError(f"{where}: missing")
+                blk = decode_block(raw, rb, b * br, where)
+                lo, hi = max(start - b * br, 0), min(stop - b * br, br)
+                if hi > len(blk.scale):
+                    raise CorruptStoreError(f"{where}: holds {len(blk.scale)} rows, expected {hi}")
+                parts.append((blk.payload[lo:hi].copy(), blk.scale[lo:hi].copy(), blk.norm[lo:hi].copy()))
+        if not parts:
+            return quant.QuantizedRows(np.zeros((0, enc.row_bytes(self.dim)), np.uint8),
+                                       np.zeros(0, np.float32), np.zeros(0, np.float32))
+        return quant.QuantizedRows(*(np.concatenate(p) for p in zip(*parts)))
+
+    def write_quantized(self, set_name: str, checkpoint: str, rows: dict, ids: Sequence[str],
+                        kind: str = "train", metadata: Sequence[dict] | None = None) -> int:
+        """Append rows already in stored form, {encoding: QuantizedRows}, in one transaction.
+
+        As `write` (same order and duplicate rules), for copying rows between stores without a
+        lossy round trip (merge). `metadata` records are taken as `rows()` returns them.
+        """
+        if self.readonly:
+            raise ReadOnlyError(f"{self.path}: store is open read-only; open it with readonly=False")
+        ids = [str(i) for i in ids]
+        n = len(ids)
+        _check_unique(ids, set_name)
+        encs = [parse_encoding(e) for e in rows]
+        _refuse_global(encs)
+        for enc in encs:
+            got = rows[enc.name]
+            shape = (n, enc.row_bytes(self.dim))
+            if got.payload.shape != shape or got.scale.shape != (n,) or got.norm.shape != (n,):
+                raise SchemaMismatchError(
+                    f"set {set_name!r}: {enc.name} rows must be payload {shape}, scale and norm ({n},)")
+        metadata = list(metadata) if metadata is not None else [{} for _ in range(n)]
+        rows_meta = [_row_record(i, None, m, set_name) for i, m in zip(ids, metadata)]
+        return self._append_rows(set_name, checkpoint, kind, encs, ids, rows_meta, dict(rows))
+
+    def stage_blocks(self, set_name: str, checkpoint: str, encoding: str, key: str, start: int,
+                     rows: quant.QuantizedRows) -> None:
+        """Write blocks of `encoding` under block key `key` from row `start` (a block boundary).
+
+        Nothing points at them until `commit_encodings`, so readers never see them half-written;
+        a re-run overwrites them.
+        """
+        enc = parse_encoding(encoding)
+        layout = self._layout(enc)
+        br = layout["block_rows"]
+        if start % br:
+            raise ValueError(f"stage_blocks: start {start} is not a multiple of {br} rows")
+
+        def put(txn):
+            set_id = self._set_record(txn, set_name)["id"]
+            ci = self._checkpoint_index(txn, checkpoint)
+            for lo in range(0, len(rows.scale), br):
+                hi = lo + br
+                txn.put(_block_key(set_id, ci, key, (start + lo) // br),
+                        encode_block(rows.payload[lo:hi], rows.scale[lo:hi], rows.norm[lo:hi]),
+                        db=self._dbs["blocks"])
+
+        self._write_txn(put)
+
+    def clear_blocks(self, set_id: int, ckpt: int, key: str, first_block: int = 0,
+                     batch: int = 256) -> int:
+        """Delete the blocks of (set id, checkpoint index, block key) from `first_block` on."""
+        prefix = _block_prefix(set_id, ckpt, key)
+        total = 0
+        while True:
+            def drop(txn):
+                cur = txn.cursor(db=self._dbs["blocks"])
+                n = 0
+                if cur.set_range(_block_key(set_id, ckpt, key, first_block)):
+                    while n < batch and bytes(cur.key()).startswith(prefix):
+                        cur.delete()  # moves to the next record
+                        n += 1
+                return n
+
+            n = self._write_txn(drop)
+            total += n
+            if n < batch:
+                return total
+
+    def commit_encodings(self, set_name: str, layouts: dict, scales: dict, written: dict) -> dict:
+        """Show staged encodings in one transaction: set their layouts (with block key) and scales.
+
+        Refused if the set's `written` counts are no longer `written` (rows arrived meanwhile).
+        Returns {encoding: block key it replaced} for the caller to clear.
+        """
+        def flip(txn):
+            rec = self._set_record(txn, set_name)
+            if rec["written"] != written:
+                raise SchemaMismatchError(
+                    f"set {set_name!r} changed while its encodings were derived; run again")
+            old = {}
+            for name, layout in layouts.items():
+                if name in rec["encodings"]:
+                    old[name] = _enc_key(rec["encodings"][name], name)
+                rec["encodings"][name] = layout
+                rec.setdefault("scales", {}).pop(name, None)
+                if scales.get(name):
+                    rec["scales"][name] = scales[name]
+            if not rec.get("scales"):
+                rec.pop("scales", None)
+            txn.put(set_name.encode(), _dumps(rec), db=self._dbs["sets"])
+            return old
+
+        return self._write_txn(flip)
+
+    def block_layout(self, encoding: str) -> dict:
+        """{row_bytes, block_rows} of `encoding` in this store."""
+        return self._layout(parse_encoding(encoding))
+
+    def set_records(self) -> dict:
+        """Every set record by name (with its numeric id), in creation order."""
+        with self.env.begin() as txn:
+            recs = {bytes(k).decode(): _loads(v) for k, v in txn.cursor(db=self._dbs["sets"])}
+        return dict(sorted(recs.items(), key=lambda kv: kv[1]["id"]))
+
 
 def _row_record(row_id: str, subtask, metadata: dict, set_name: str) -> dict:
     if not isinstance(metadata, dict):
@@ -622,6 +778,14 @@ def _row_record(row_id: str, subtask, metadata: dict, set_name: str) -> dict:
     except (TypeError, ValueError) as exc:
         raise SchemaMismatchError(f"set {set_name!r}: metadata of id {row_id!r} is not JSON: {exc}") from None
     return record
+
+
+def _refuse_global(encs: list[Encoding]) -> None:
+    for enc in encs:
+        if enc.global_scale:
+            raise SchemaMismatchError(
+                f"encoding {enc.name!r} needs the whole set's scale; write per-row encodings"
+                " and derive it with requantize")
 
 
 def _check_unique(ids: list[str], set_name: str) -> None:
