@@ -3,7 +3,8 @@
 Each selected row names its record by ``source_file`` + byte ``offset`` (as `qless.data.Example`
 carries and the store keeps in row metadata). Before a line is copied it is checked to still be
 that record: the offset must start a line, and the line must parse to the row's ``id`` (the
-record's ``id`` field or its content hash) and, when the row has one, to its ``line_sha1``.
+record's ``id`` field or its content hash) and, when the row has one, match its ``line_sha1``
+(the sha1 `qless.data` records in each example's metadata). A row needs at least one of the two.
 A file changed since it was read is refused rather than silently writing other records.
 """
 
@@ -40,10 +41,7 @@ def read_record_line(f, path: str, offset: int, rid: str | None, sha: str | None
     """The raw line (with its line ending) that starts at ``offset`` of the open binary file ``f``,
     verified against the row's id and line hash."""
     where = f"{path}: byte offset {offset}"
-    if rid is None:
-        who = "(row has no id to check)"
-    else:
-        who = f"record {rid!r}"
+    who = "the selected record" if rid is None else f"record {rid!r}"
     if not isinstance(offset, int) or offset < 0:
         raise SourceChangedError(f"{where}: not a JSONL line offset for {who}")
     if offset >= os.fstat(f.fileno()).st_size:
@@ -58,13 +56,13 @@ def read_record_line(f, path: str, offset: int, rid: str | None, sha: str | None
             )
     f.seek(offset)
     raw = f.readline()
-    if rid is None:
-        raise SourceChangedError(f"{where}: {who}; cannot verify the line")
+    if rid is None and sha is None:
+        raise SourceChangedError(f"{where}: the row has neither an id nor a line_sha1 to check")
     try:
         found = record_id(load_line(raw, first=offset == 0))
     except ValueError as e:
         raise SourceChangedError(f"{where}: no longer {who} ({e})") from None
-    if found != rid:
+    if rid is not None and found != rid:
         raise SourceChangedError(
             f"{where} now holds record {found!r}, not {who} (the file changed since it was read)"
         )

@@ -394,6 +394,11 @@ def test_write_selected_copies_lines_byte_for_byte(tok, tmp_path):
     ]
     write_selected(rows_meta[:2], out)
     assert out.read_bytes() == raw[0] + raw[1]
+    del rows_meta[0]["id"]  # the line hash alone is enough to verify
+    write_selected(rows_meta[:1], out)
+    assert out.read_bytes() == raw[0]
+    with pytest.raises(SourceChangedError, match="neither an id nor a line_sha1"):
+        write_selected([{"source_file": str(p), "offset": 0}], out)
 
 
 def test_write_selected_refuses_a_changed_source(tok, tmp_path):
