@@ -97,6 +97,8 @@ def test_checkpoint_subset_and_percentage(store):
     ref = reference(store, ["tydiqa"], ["e1", "e3"], "lr", "sign1", "symmetric", "max", "mean")
     check_top(result, ref, 5)  # floor(57 * 10%) = 5
     assert result.plan.weights == pytest.approx((0.75, 0.25))
+    by_position = store.query("TOP 10% FROM train BY tydiqa CHECKPOINTS 1,3 ENCODING sign1")
+    assert by_position.plan.checkpoints == ("e1", "e3") and by_position.ids == result.ids
 
 
 def test_where_filters_rows_and_percentage_counts_what_passes(store):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from .ast import And, Compare, Expr, InList, IsNull, Like, Not, Or, Query, compile_like
+from .parser import parse, parse_condition
+
 
 def run(store, text: str):
     """Parse, plan and execute one query; EXPLAIN returns the plan without scanning."""
     from .executor import execute
-    from .parser import parse
     from .planner import plan
 
     query = parse(text)

@@ -121,10 +121,7 @@ def plan(store, query: Query) -> Plan:
             raise SchemaMismatchError(
                 f"no checkpoint holds both {query.set_name} and {', '.join(query.tasks)}")
     else:
-        ckpts = list(query.checkpoints)
-        for c in ckpts:
-            if c not in all_ckpts:
-                raise UnknownNameError(f"unknown checkpoint {c!r}; the store has: {', '.join(all_ckpts)}")
+        ckpts = [_checkpoint_name(c, all_ckpts) for c in query.checkpoints]
     weights = _weights(store, ckpts, query.weight)
 
     encoding = _choose_encoding(query, set_info)
@@ -155,6 +152,15 @@ def plan(store, query: Query) -> Plan:
         notes.append(f"{query.top_percent:g}% of the {pool} rows that pass WHERE")
     return Plan(query, query.set_name, n_rows, _k(query, pool), encoding, mode, kernel,
                 tuple(ckpts), weights, tuple(tasks), tuple(notes))
+
+
+def _checkpoint_name(name: str, all_ckpts: list[str]) -> str:
+    """A checkpoint by name, or by its 1-based position in creation order (`CHECKPOINTS 1,2`)."""
+    if name in all_ckpts:
+        return name
+    if name.isdigit() and 1 <= int(name) <= len(all_ckpts):
+        return all_ckpts[int(name) - 1]
+    raise UnknownNameError(f"unknown checkpoint {name!r}; the store has: {', '.join(all_ckpts)}")
 
 
 def _k(query: Query, n_rows: int) -> int | None:
