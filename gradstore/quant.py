@@ -25,13 +25,17 @@ test it against. Both compute in float64 and sum each row in order, so they agre
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import NamedTuple
 
+import numba
 import numpy as np
 from numba import njit, prange
 
 from .encodings import QUANT_KINDS, Encoding, parse_encoding
 from .errors import InvalidVectorError, SchemaMismatchError
+
+_PARALLEL_MIN_SIZE = 1 << 18  # entries of x; about 32 rows of d = 8192
 
 
 class QuantizedRows(NamedTuple):
@@ -50,6 +54,11 @@ def quantize(x: np.ndarray, enc: Encoding | str, global_scale: float | None = No
     """
     enc = _encoding(enc)
     x = _as_rows(x)
+    with _threads_for(x.size):
+        return _quantize(x, enc, global_scale)
+
+
+def _quantize(x: np.ndarray, enc: Encoding, global_scale: float | None) -> QuantizedRows:
     n, d = x.shape
     sumsq, absmax, abssum = _row_stats(x)
     _refuse_bad_rows(sumsq)
@@ -65,11 +74,11 @@ def quantize(x: np.ndarray, enc: Encoding | str, global_scale: float | None = No
             u[...] = half  # the norm must be that of the stored, rounded levels
         else:
             payload.view("<f4")[:, :d] = u
-        return QuantizedRows(payload, length.astype(np.float32),
+        return QuantizedRows(payload, _float32_scale(length),
                              np.sqrt(_row_stats(u)[0]).astype(np.float32))
     if enc.kind == "sign":
         _pack_signs(x, payload)
-        return QuantizedRows(payload, (length / math.sqrt(d)).astype(np.float32),
+        return QuantizedRows(payload, _float32_scale(length / math.sqrt(d)),
                              np.full(n, math.sqrt(d), np.float32))
     if s is None and enc.global_scale:
         s = _set_scale_from_stats(enc, length, absmax, abssum, x.size)
@@ -85,7 +94,7 @@ def quantize(x: np.ndarray, enc: Encoding | str, global_scale: float | None = No
         num, den = float(L * d), abssum
     level_sumsq = np.zeros(n, np.int64)
     _pack_levels(x, num, den, enc.bits, payload, level_sumsq)
-    return QuantizedRows(payload, (den / num).astype(np.float32),
+    return QuantizedRows(payload, _float32_scale(den / num),
                          np.sqrt(level_sumsq).astype(np.float32))
 
 
@@ -112,12 +121,12 @@ def quantize_reference(x: np.ndarray, enc: Encoding | str,
         payload = np.zeros((n, rb), np.uint8)
         payload[:, :levels.itemsize * d] = levels.view(np.uint8)
         norm = np.sqrt((levels.astype(np.float64) ** 2).sum(axis=1))
-        return QuantizedRows(payload, length.astype(np.float32), norm.astype(np.float32))
+        return QuantizedRows(payload, _float32_scale(length), norm.astype(np.float32))
     if enc.kind == "sign":
         bits = np.zeros((n, rb * 8), np.uint8)
         bits[:, :d] = x > 0
         return QuantizedRows(np.packbits(bits, axis=1, bitorder="little"),
-                             (length / np.sqrt(d)).astype(np.float32),
+                             _float32_scale(length / np.sqrt(d)),
                              np.full(n, np.sqrt(d), np.float32))
     L = enc.levels
     u = x64 / safe_length
@@ -144,7 +153,7 @@ def quantize_reference(x: np.ndarray, enc: Encoding | str,
     payload = (fields.reshape(n, rb, per_byte) << shifts).sum(axis=2).astype(np.uint8)
     scale = length * s_row / L
     norm = np.sqrt((levels ** 2).sum(axis=1))
-    return QuantizedRows(payload, scale.astype(np.float32), norm.astype(np.float32))
+    return QuantizedRows(payload, _float32_scale(scale), norm.astype(np.float32))
 
 
 def unpack_levels(payload: np.ndarray, enc: Encoding | str, dim: int) -> np.ndarray:
@@ -181,7 +190,8 @@ def set_scale(x: np.ndarray, enc: Encoding | str) -> float:
     if enc.kind not in QUANT_KINDS:
         raise SchemaMismatchError(f"encoding {enc.name} has no scale; only absmax and absmean do")
     x = _as_rows(x)
-    sumsq, absmax, abssum = _row_stats(x)
+    with _threads_for(x.size):
+        sumsq, absmax, abssum = _row_stats(x)
     _refuse_bad_rows(sumsq)
     return _set_scale_from_stats(enc, np.sqrt(sumsq), absmax, abssum, x.size)
 
@@ -216,6 +226,32 @@ def _refuse_bad_rows(sumsq: np.ndarray) -> None:
     bad = np.flatnonzero(~np.isfinite(sumsq))
     if bad.size:
         raise InvalidVectorError(f"row {int(bad[0])} holds NaN or inf")
+
+
+def _float32_scale(scale: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        out = scale.astype(np.float32)
+    # A row of finite float32s can still be longer than float32 holds; its scale would be inf.
+    bad = np.flatnonzero(np.isinf(out))
+    if bad.size:
+        raise InvalidVectorError(
+            f"row {int(bad[0])} has a scale of {scale[bad[0]]:.3g}, beyond float32's range")
+    return out
+
+
+@contextmanager
+def _threads_for(size: int):
+    """Run small inputs on one thread: waking numba's pool costs more than it saves there,
+    and on a busy machine a two-thread launch can stall for milliseconds."""
+    if size >= _PARALLEL_MIN_SIZE:
+        yield
+        return
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)  # per calling thread, so concurrent callers are unaffected
+    try:
+        yield
+    finally:
+        numba.set_num_threads(threads)
 
 
 def _checked_global_scale(enc: Encoding, given: float | None, length: np.ndarray) -> float | None:

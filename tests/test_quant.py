@@ -24,9 +24,10 @@ PADDING_BYTE = {8: 0x80, 4: 0x88, 2: 0xAA}  # level 0 = the offset 2**(k-1) in e
 
 
 @st.composite
-def matrices(draw, elements=st.floats(width=32, allow_nan=False, allow_infinity=False),
-             max_rows=5, max_dim=70):
-    """Float32 (n, d) matrices, some rows all zero, d rarely a multiple of 8."""
+def matrices(draw, elements=st.floats(-(2.0**123), 2.0**123, width=32), max_rows=5, max_dim=70):
+    """Float32 (n, d) matrices, some rows all zero, d rarely a multiple of 8.
+
+    Entries stay below 2**123 (1e37) so that a row's length still fits float32 (tested apart)."""
     n = draw(st.integers(0, max_rows))
     d = draw(st.integers(1, max_dim))
     x = draw(arrays(np.float32, (n, d), elements=elements))
@@ -353,6 +354,17 @@ def test_nan_or_inf_row_is_named(bad_value, name, quantizer):
     x[5, 0] = bad_value
     with pytest.raises(InvalidVectorError, match=r"^row 3 holds NaN or inf$"):
         quantizer(x, name)
+
+
+@pytest.mark.parametrize("quantizer", [quantize, quantize_reference])
+def test_a_length_beyond_float32_is_refused_where_the_scale_would_hold_it(quantizer):
+    x = np.array([[1, 1], [3e38, -3e38]], np.float32)
+    for name in ("f32", "f16"):
+        with pytest.raises(InvalidVectorError, match="row 1 has a scale of 4.24e[+]38"):
+            quantizer(x, name)
+    # these scales never exceed max|x|: max|x| / 127 and the root mean square
+    np.testing.assert_allclose(quantizer(x, "absmax8").scale, [1 / 127, 3e38 / 127], rtol=1e-6)
+    np.testing.assert_allclose(quantizer(x, "sign1").scale, [1, 3e38], rtol=1e-6)
 
 
 def test_set_scale_names_the_bad_row():
