@@ -197,12 +197,13 @@ def _write(store, set_name, ckpt_name, kind, encodings, batch, vectors, report) 
 def ingest_files(store_path, checkpoint_dirs: Sequence[str], model_name: str, data: Sequence[str] = (),
                  set_name: str = "train", task: str | None = None, data_dir: str | None = None,
                  lrs: Sequence[float] | None = None, max_length: int = 2048, skip_invalid: bool = False,
-                 **options):
+                 chat_format: str = "tulu", **options):
     """Read a training pool (`data`) or a target task (`task`), then `ingest` it.
 
     A task is a built-in (mmlu, bbh, tydiqa from `data_dir`), a packaged demo task, or any name
-    with `data` naming its JSONL file; its set is named after the task. Returns the data read
-    report (None for tasks) and the ingest report.
+    with `data` naming its JSONL file; its set is named after the task. Pools and tasks use the
+    same `chat_format` so their gradients are comparable (LESS: "tulu" for both). Returns the
+    data read report (None for tasks) and the ingest report.
     """
     from .data import read_pool
     from .model import load_tokenizer
@@ -214,9 +215,10 @@ def ingest_files(store_path, checkpoint_dirs: Sequence[str], model_name: str, da
         if len(data) > 1:
             raise ValueError(f"task {task!r}: give one --data file, not {len(data)}")
         examples = load_task(task, tokenizer, data_dir=data_dir, path=data[0] if data else None,
-                             max_length=max_length)
+                             max_length=max_length, chat_format=chat_format)
         return None, ingest(store_path, examples, task, checkpoints, model_name, kind="task", **options)
     if not data:
         raise ValueError("give the training pool's JSONL files (--data) or a --task")
-    examples, read_report = read_pool(data, tokenizer, max_length=max_length, skip_invalid=skip_invalid)
+    examples, read_report = read_pool(data, tokenizer, max_length=max_length, skip_invalid=skip_invalid,
+                                      chat_format=chat_format)
     return read_report, ingest(store_path, examples, set_name, checkpoints, model_name, **options)
