@@ -173,3 +173,145 @@ def ingest(data, set_name, task, data_dir, checkpoints, lrs, model, dtype, quant
     if read_report is not None:
         note(read_report.summary(), silent)
     note(report.summary(), silent)
+
+
+# ---- store operations: merge, requantize, compare, check (gradstore.ops) -----------------
+
+def _progress(silent: bool):
+    """A tqdm factory for the library's `progress` (on stderr), or None when silent."""
+    if silent:
+        return None
+    import sys
+
+    from tqdm import tqdm
+
+    return functools.partial(tqdm, file=sys.stderr, leave=False)
+
+
+@cli.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="The new store to create.")
+@output_options
+@silent_option
+@handle_errors
+def merge(sources, out, fmt, silent):
+    """Combine stores (shards of one pool, or checkpoints computed apart) into a new store.
+
+    The sources must share dim, projection, model and LoRA config; a set's rows are
+    concatenated in the order the sources are given. The sources are only read.
+
+    Example:
+
+        gradstore merge shard-0 shard-1 shard-2 -o gradstore
+    """
+    from gradstore import ops
+
+    report = ops.merge(sources, out, progress=_progress(silent))
+    for line in report.notes:
+        note(line, silent)
+    note(f"merged {len(report.sources)} stores into {report.out}", silent)
+    emit(report.to_dicts(), fmt)
+
+
+@cli.command()
+@click.option("--set", "set_name", help="Set to requantize (default: every set).")
+@click.option("--to", "to", required=True, help="Comma-separated encodings to derive, e.g. absmax4,sign1-global.")
+@click.option("--from", "source", help="Encoding to derive from (default: the best float the set holds).")
+@click.option("--allow-lossy", is_flag=True, help="Allow deriving from a quantized encoding.")
+@click.option("--replace", is_flag=True, help="Rebuild encodings the set already holds.")
+@store_option()
+@output_options
+@silent_option
+@handle_errors
+def requantize(set_name, to, source, allow_lossy, replace, store_path, fmt, silent):
+    """Derive lower encodings from the master copy, without the model.
+
+    A `-global` encoding takes one scale per set and checkpoint (QLESS); `info` shows it.
+    New encodings appear at once when done: a killed run leaves the store as it was.
+
+    Example:
+
+        gradstore requantize --to absmax4,sign1 --from f16
+
+        gradstore requantize --set train --to absmax8-global --replace
+    """
+    from gradstore import ops
+
+    with gradstore.open(store_path, readonly=False) as store:
+        done = ops.requantize(store, set_name, to=_csv_list(to), source=source, allow_lossy=allow_lossy,
+                              replace=replace, progress=_progress(silent))
+    note(f"derived {len(done)} encodings", silent)
+    emit([{"set": d["set"], "encoding": d["encoding"], "from": d["from"],
+           "rows": sum(d["rows"].values()), "replaced": d["replaced"], "scales": d["scales"]}
+          for d in done], fmt)
+
+
+@cli.command()
+@click.argument("queries", nargs=-1, metavar="[QUERY_A QUERY_B]")
+@click.option("--task", "-t", "tasks", multiple=True, help="Task to score with --a/--b encodings (repeatable).")
+@click.option("--a", "enc_a", help="First encoding.")
+@click.option("--b", "enc_b", help="Second encoding.")
+@click.option("--k", "k", default="5%", show_default=True, help="Top k for the overlap: a count or a percentage.")
+@click.option("--set", "set_name", help="Training set (default: the store's only one).")
+@store_option()
+@output_options
+@handle_errors
+def compare(queries, tasks, enc_a, enc_b, k, set_name, store_path, fmt):
+    """How well two encodings (or two queries) agree: Spearman of scores, top-k overlap.
+
+    Example:
+
+        gradstore compare --task mmlu --a absmax8 --b sign1 --k 5%
+
+        gradstore compare "SCORE FROM train BY mmlu AGG max" "SCORE FROM train BY mmlu AGG mean"
+    """
+    from gradstore import ops
+
+    if queries and (enc_a or enc_b or tasks or set_name):
+        raise click.UsageError("give either two QUERY strings or --task with --a and --b, not both")
+    if queries and len(queries) != 2:
+        raise click.UsageError(f"give two QUERY strings, not {len(queries)}")
+    if not queries and not (enc_a and enc_b and tasks):
+        raise click.UsageError("give two QUERY strings, or --task with --a and --b")
+    a, b = queries or (enc_a, enc_b)
+    with gradstore.open(store_path) as store:
+        result = ops.compare(store, a, b, tasks=tasks, k=k, set_name=set_name)
+    emit([result.to_dict()], fmt)
+
+
+@cli.command()
+@click.option("--fix", is_flag=True, help="Drop what cannot be trusted (listed), keep everything that verifies.")
+@store_option()
+@silent_option
+@handle_errors
+def check(fix, store_path, silent):
+    """Verify every block's checksum and that the store's records agree.
+
+    Prints one line per problem; exits 1 when problems remain (not fixed).
+
+    Example:
+
+        gradstore check
+
+        gradstore check --fix
+    """
+    from gradstore import ops
+
+    with gradstore.open(store_path, readonly=not fix) as store:
+        report = ops.check(store, fix=fix, progress=_progress(silent))
+    for finding in report.findings:
+        click.echo(str(finding))
+    for line in report.dropped:
+        click.echo(f"fixed: {line}")
+    if report.ok:
+        note(f"ok: {report.blocks} blocks verified", silent)
+    elif not fix:
+        raise click.ClickException(f"{_problems(report)} found; `gradstore check --fix`"
+                                   " drops what cannot be trusted")
+    else:
+        note(f"{_problems(report)} found and fixed", silent)
+
+
+def _problems(report) -> str:
+    n = len(report.findings)
+    return f"{n} problem{'' if n == 1 else 's'}"
