@@ -144,6 +144,8 @@ def _csv_list(value: str | None) -> list[str] | None:
               default="sparse-rademacher", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Projection seed.")
 @click.option("--max-length", default=2048, show_default=True, help="Truncate examples to this many tokens.")
+@click.option("--chat-format", type=click.Choice(["tulu", "template"]), default="tulu", show_default=True,
+              help="Prompt format for pool and tasks alike: LESS's tulu text, or the tokenizer's chat template.")
 @click.option("--skip-invalid", is_flag=True, help="Skip bad lines (reported at the end) instead of stopping.")
 @click.option("--batch-size", default=32, show_default=True, help="Rows per store transaction.")
 @click.option("--shard", help="i/n: ingest the i-th of n contiguous shards (default: from torchrun/accelerate).")
@@ -151,7 +153,7 @@ def _csv_list(value: str | None) -> list[str] | None:
 @silent_option
 @handle_errors
 def ingest(data, set_name, task, data_dir, checkpoints, lrs, model, dtype, quant, encodings, dim, projection,
-           seed, max_length, skip_invalid, batch_size, shard, store_path, silent):
+           seed, max_length, chat_format, skip_invalid, batch_size, shard, store_path, silent):
     """Compute projected LoRA gradients and write them to the store (resumable).
 
     Training pools get LESS's Adam directions; tasks get plain gradients.
@@ -167,7 +169,8 @@ def ingest(data, set_name, task, data_dir, checkpoints, lrs, model, dtype, quant
     read_report, report = ingest_files(
         store_path, checkpoints, model, data=data, set_name=set_name, task=task, data_dir=data_dir,
         lrs=[float(x) for x in _csv_list(lrs)] if lrs else None, max_length=max_length,
-        skip_invalid=skip_invalid, encodings=_csv_list(encodings), dim=dim, projection=projection,
+        chat_format=chat_format, skip_invalid=skip_invalid, encodings=_csv_list(encodings), dim=dim,
+        projection=projection,
         seed=seed, dtype=dtype, quant=quant, batch_size=batch_size, shard=parse_shard(shard),
         progress=not silent)
     if read_report is not None:
