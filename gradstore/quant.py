@@ -5,12 +5,12 @@ restores the length (dequantized = level * scale) and ``norm`` is the L2 norm of
 levels, so cosine needs no scale at all: cos(a, b) = <la, lb> / (norm_a * norm_b).
 
 Encodings, most precise first (bytes per row at d = 8192):
-- ``f32`` (32 KiB): u as float32; exact, the master copy for requantize.
-- ``f16`` (16 KiB): u as float16; |error| <= 2**-11 per coordinate of u, scans at half the I/O.
+- ``f32`` (32 KiB): u as float32; lossless but for float32 rounding, the master for requantize.
+- ``f16`` (16 KiB): u as float16; relative error <= 2**-11 per coordinate, half the I/O of f32.
 - ``absmax8/4/2`` (8 / 4 / 2 KiB): levels -L..L with s = max|u|, so nothing clips and the largest
   coordinate is exact, but one outlier coarsens the step for the whole row.
-- ``absmean8/4/2``: s = mean|u|, a finer step for the bulk of the coordinates; coordinates above
-  about s clip to +/-L. At 2 bits this is the ternary {-1, 0, +1} that QLESS favours.
+- ``absmean8/4/2``: s = mean|u|, a finer step for the bulk of the coordinates, but coordinates
+  beyond about s clip to +/-L. At 2 bits the levels are ternary, {-1, 0, +1}.
 - ``sign1`` (1 KiB): the sign bit only; scans by XOR + popcount, the cheapest, the coarsest.
 ``-global`` quantizes every row of a set with one s (QLESS's choice) instead of the row's own.
 
@@ -46,11 +46,15 @@ class QuantizedRows(NamedTuple):
     norm: np.ndarray
 
 
-def quantize(x: np.ndarray, enc: Encoding | str, global_scale: float | None = None) -> QuantizedRows:
+def quantize(x: np.ndarray, enc: Encoding | str,
+             global_scale: float | None = None) -> QuantizedRows:
     """Quantize the rows of x (float, (n, d)) into `enc`.
 
     For absmax/absmean, `global_scale` (a set-wide s from `set_scale`) replaces each row's own s;
     a ``-global`` encoding given no `global_scale` takes the set scale of x itself.
+    Raises InvalidVectorError naming the first row that holds NaN or inf (or whose scale float32
+    cannot hold), SchemaMismatchError for an x that is not 2-D float or a global scale given to
+    an encoding without one, ValueError for a negative or non-finite global scale.
     """
     enc = _encoding(enc)
     x = _as_rows(x)
@@ -160,7 +164,9 @@ def unpack_levels(payload: np.ndarray, enc: Encoding | str, dim: int) -> np.ndar
     """The stored levels of packed rows as float32 (n, dim), without the scale."""
     enc = _encoding(enc)
     payload = _as_payload(payload, enc, dim)
-    n = payload.shape[0]
+    n, row_bytes = payload.shape
+    # Every branch copies: the payload may be a view of an LMDB buffer that dies with its
+    # transaction.
     if enc.kind == "f32":
         return payload.view("<f4")[:, :dim].astype(np.float32)
     if enc.kind == "f16":
@@ -171,7 +177,8 @@ def unpack_levels(payload: np.ndarray, enc: Encoding | str, dim: int) -> np.ndar
     per_byte = 8 // enc.bits
     shifts = (np.arange(per_byte) * enc.bits).astype(np.uint8)
     fields = (payload[:, :, None] >> shifts) & np.uint8(2 ** enc.bits - 1)
-    return fields.reshape(n, payload.shape[1] * per_byte)[:, :dim].astype(np.float32) - 2 ** (enc.bits - 1)
+    levels = fields.reshape(n, row_bytes * per_byte)[:, :dim].astype(np.float32)
+    return levels - 2 ** (enc.bits - 1)
 
 
 def dequantize(payload: np.ndarray, scale: np.ndarray, enc: Encoding | str, dim: int) -> np.ndarray:
@@ -185,7 +192,7 @@ def dequantize(payload: np.ndarray, scale: np.ndarray, enc: Encoding | str, dim:
 
 
 def set_scale(x: np.ndarray, enc: Encoding | str) -> float:
-    """The set-wide s of a ``-global`` encoding: max|u| (absmax) or mean|u| (absmean) over all of x."""
+    """The set-wide s of a ``-global`` encoding: max|u| (absmax) or mean|u| (absmean) over x."""
     enc = _encoding(enc)
     if enc.kind not in QUANT_KINDS:
         raise SchemaMismatchError(f"encoding {enc.name} has no scale; only absmax and absmean do")
@@ -217,7 +224,8 @@ def _as_payload(payload: np.ndarray, enc: Encoding, dim: int) -> np.ndarray:
         arr = arr.reshape(-1, rb)
     if arr.dtype != np.uint8 or arr.ndim != 2 or rb == 0 or arr.shape[1] != rb:
         raise SchemaMismatchError(
-            f"{enc.name} rows of dim {dim} are uint8 (n, {rb}), got {arr.dtype} of shape {arr.shape}")
+            f"{enc.name} rows of dim {dim} are uint8 (n, {rb}),"
+            f" got {arr.dtype} of shape {arr.shape}")
     return arr
 
 
