@@ -72,8 +72,8 @@ def adapter_tensors(folder):
 
 def assert_same_tensors(a: dict, b: dict):
     assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for k, t in a.items():
+        assert torch.equal(t, b[k]), k
 
 
 def mean_loss(model, examples):
@@ -82,7 +82,7 @@ def mean_loss(model, examples):
         return float(example_losses(model, examples, torch.device("cpu")).mean())
 
 
-QUICK = dict(progress=False, seed=0)
+QUICK = {"progress": False, "seed": 0}
 
 
 @pytest.fixture(autouse=True)
