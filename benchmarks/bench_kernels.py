@@ -187,6 +187,9 @@ def bench_subtask_means(sign_rows, int_rows, dim: int, repeat: int, seed: int) -
     nv = int(starts[-1])
     sv = make_sign_rows(nv, dim, seed + 1)
     t_sign, _ = best_of(lambda: kernels.sign_subtask_means(sign_rows, sv, starts, dim), repeat)
+    w = np.random.default_rng(seed + 3).standard_normal(nv).astype(np.float32)
+    t_wsign, _ = best_of(
+        lambda: kernels.sign_subtask_weighted(sign_rows, sv, w, starts, dim), repeat)
     iv = make_int8_rows(nv, dim, seed + 2)
     rn = np.ones(len(int_rows), np.float32)
     vn = np.ones(nv, np.float32)
@@ -194,6 +197,7 @@ def bench_subtask_means(sign_rows, int_rows, dim: int, repeat: int, seed: int) -
         lambda: kernels.int_subtask_means(int_rows, rn, iv, vn, starts, 8, dim), repeat)
     return {"vals": nv, "subtasks": len(starts) - 1,
             "sign1_s_per_100k_rows": t_sign * 1e5 / len(sign_rows),
+            "sign1_weighted_s_per_100k_rows": t_wsign * 1e5 / len(sign_rows),
             "absmax8_s_per_100k_rows": t_int * 1e5 / len(int_rows)}
 
 
@@ -256,6 +260,10 @@ def main(argv=None) -> dict:
         (f"absmax8: float32 BLAS, block of {i8['block']} rows", i8["blas_block_s"],
          f"{i8['speedup_block']:.2f}x slower than int_dot"),
         ("sign_subtask_means, MMLU 285/57, per 100k rows", sm["sign1_s_per_100k_rows"], ""),
+        ("sign_subtask_weighted, MMLU 285/57, per 100k rows",
+         sm["sign1_weighted_s_per_100k_rows"],
+         (f"{sm['sign1_weighted_s_per_100k_rows'] / sm['sign1_s_per_100k_rows']:.2f}x "
+          "sign_subtask_means")),
         ("int_subtask_means absmax8, MMLU, per 100k rows", sm["absmax8_s_per_100k_rows"], ""),
     ]
     width = max(len(r[0]) for r in rows)

@@ -6,10 +6,13 @@ buffer) and need not be aligned; every kernel accepts both.
 
 Implementations and their trade-offs:
 
-- ``sign_dot`` / ``sign_subtask_means``: ``<s_a, s_b> = dim - 2 popcount(a XOR b)`` over
-  uint64 words, LLVM ``ctpop`` (vectorized to ``vpopcntq`` where the CPU has it). Four
-  rows share each load of a query word. A row block that is not 8-byte aligned is viewed
-  as unaligned uint64 (measured as fast as an aligned copy on x86, so no copy is made).
+- ``sign_dot`` / ``sign_subtask_weighted`` / ``sign_subtask_means``:
+  ``<s_a, s_b> = dim - 2 popcount(a XOR b)`` over uint64 words, LLVM ``ctpop`` (vectorized
+  to ``vpopcntq`` where the CPU has it). Four rows share each load of a query word. A row
+  block that is not 8-byte aligned is viewed as unaligned uint64 (measured as fast as an
+  aligned copy on x86, so no copy is made).
+  ``sign_subtask_means`` is ``sign_subtask_weighted`` with weights ``1 / (count * dim)``
+  (one fused kernel; the weighted sum over each subtask's contiguous vals is in float64).
 - ``int_dot`` / ``int_subtask_means`` (bits 8, 4, 2): the query side is unpacked once into
   signed int8 level planes; a row's fields stay unsigned (``u = level + o``, ``o = 2**(k-1)``)
   and ``<l_a, l_b> = sum(u_a * l_b) - o * sum(l_b)``. The product sum is a hand-written
@@ -42,6 +45,7 @@ __all__ = [
     "int_subtask_means",
     "sign_dot",
     "sign_subtask_means",
+    "sign_subtask_weighted",
 ]
 
 _JIT = {"nogil": True, "fastmath": True, "cache": True}
@@ -292,10 +296,11 @@ def _sign_dot_kernel(a, b, dim):
 
 
 @njit(**_PJIT)
-def _sign_means_kernel(a, b, sub, counts, dim):
+def _sign_weighted_kernel(a, b, starts, weights, dim):
+    """out[i, s] = sum_{starts[s] <= j < starts[s+1]} weights[j] * <a[i], b[j]> (float64 sum)."""
     na = a.shape[0]
     nb = b.shape[0]
-    ns = counts.shape[0]
+    ns = starts.shape[0] - 1
     out = np.empty((na, ns), np.float32)
     for blk in prange((na + _RB - 1) // _RB):
         i0 = blk * _RB
@@ -303,11 +308,11 @@ def _sign_means_kernel(a, b, sub, counts, dim):
         dots = np.empty((i1 - i0, nb), np.int32)
         _sign_block(a, i0, b, dim, dots)
         for r in range(i1 - i0):
-            acc = np.zeros(ns, np.int64)
-            for j in range(nb):
-                acc[sub[j]] += dots[r, j]
             for s in range(ns):
-                out[i0 + r, s] = acc[s] / (counts[s] * np.float64(dim))
+                acc = 0.0
+                for j in range(starts[s], starts[s + 1]):
+                    acc += weights[j] * dots[r, j]
+                out[i0 + r, s] = acc
     return out
 
 
@@ -439,6 +444,21 @@ def _subtasks(starts, nvals: int):
     return sub, counts.astype(np.int64)
 
 
+def _weights(x, n: int) -> np.ndarray:
+    """Check per-val weights (1-D, length n, finite); return them float32, C-contiguous."""
+    x = np.asarray(x)
+    if x.ndim != 1 or x.shape[0] != n or x.dtype.kind not in "fiu":
+        raise SchemaMismatchError(
+            f"weights: expected a 1-D float array of {n} values, got {x.dtype} {x.shape}")
+    with np.errstate(over="ignore"):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise SchemaMismatchError(f"weights: value {j} is not finite in float32 ({x[j]})")
+    return x
+
+
 def _norms(x, n: int, name: str) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     if x.shape[0] != n:
@@ -469,13 +489,30 @@ def int_dot(a, b, bits: int, dim: int) -> np.ndarray:
     return _int_dot_kernel(a, planes, qcorr, bits)
 
 
+def sign_subtask_weighted(rows, vals, weights, starts, dim: int) -> np.ndarray:
+    """float32 (n, S): sum over v in vals[starts[s]:starts[s+1]] of weights[v] * <row, v> (sign1).
+
+    ``<row, v> = dim - 2 popcount(row ^ v)`` is the +/-1 dot; ``weights`` is float32
+    ``(n_vals,)``, finite (any sign). The sum is taken in float64, then rounded to float32.
+    """
+    rows = _rows(rows, "rows", dim, 1)
+    vals = _rows(vals, "vals", dim, 1)
+    _check_pair(rows, vals)
+    _subtasks(starts, vals.shape[0])
+    w = _weights(weights, vals.shape[0]).astype(np.float64)
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    return _sign_weighted_kernel(_words(rows), _words(vals), starts, w, int(dim))
+
+
 def sign_subtask_means(rows, vals, starts, dim: int) -> np.ndarray:
     """float32 (n, S): mean over v in vals[starts[s]:starts[s+1]] of <row, v> / dim (sign1)."""
     rows = _rows(rows, "rows", dim, 1)
     vals = _rows(vals, "vals", dim, 1)
     _check_pair(rows, vals)
-    sub, counts = _subtasks(starts, vals.shape[0])
-    return _sign_means_kernel(_words(rows), _words(vals), sub, counts, int(dim))
+    _, counts = _subtasks(starts, vals.shape[0])
+    w = np.repeat(1.0 / (counts * np.float64(dim)), counts)  # float64: no float32 rounding
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    return _sign_weighted_kernel(_words(rows), _words(vals), starts, w, int(dim))
 
 
 def int_subtask_means(rows, row_norm, vals, val_norm, starts, bits: int, dim: int) -> np.ndarray:

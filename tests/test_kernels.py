@@ -295,6 +295,98 @@ def test_subtask_means_mmlu_shape_readonly_unaligned():
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
+
+# ---- weighted subtask sums ---------------------------------------------------------------
+
+
+def weighted_reference(sr, sv, w, starts):
+    """float64 sum over each subtask of w[j] * <row, v_j> (+/-1 dot)."""
+    terms = (sr @ sv.T).astype(np.float64) * w.astype(np.float64)
+    return np.stack([terms[:, starts[s]:starts[s + 1]].sum(axis=1)
+                     for s in range(len(starts) - 1)], axis=1)
+
+
+def assert_weighted_close(got, sr, sv, w, starts):
+    ref = weighted_reference(sr, sv, w, starts)
+    # float64 sum rounded once to float32; scale bounds the terms when they cancel
+    scale = weighted_reference(np.abs(sr), np.abs(sv), np.abs(w), starts)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert (np.abs(got - ref) <= 1e-6 * np.abs(ref) + 1e-12 * scale + 1e-30).all()
+
+
+@st.composite
+def weighted_case(draw):
+    sizes = draw(subtask_sizes)
+    nv = sum(sizes)
+    w = draw(st.lists(st.floats(-1e3, 1e3, width=32), min_size=nv, max_size=nv))
+    return sizes, np.array(w, np.float32)
+
+
+@SETTINGS
+@given(n=counts, case=weighted_case(), dim=dims, seed=st.integers(0, 2**32 - 1))
+def test_sign_subtask_weighted_matches_numpy(n, case, dim, seed):
+    # unequal and size-1 subtasks, negative and zero weights, read-only inputs
+    sizes, w = case
+    rng = np.random.default_rng(seed)
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    sr, sv = rand_signs(rng, n, dim), rand_signs(rng, int(starts[-1]), dim)
+    pr, pv = pack_sign(sr, dim), pack_sign(sv, dim)
+    for r, v, ww in [(pr, pv, w), (readonly(pr), readonly(pv), readonly(w))]:
+        got = kernels.sign_subtask_weighted(r, v, ww, starts, dim)
+        assert_weighted_close(got, sr, sv, w, starts)
+
+
+@SETTINGS
+@given(n=counts, sizes=subtask_sizes, dim=dims, seed=st.integers(0, 2**32 - 1))
+def test_sign_subtask_weighted_generalizes_means(n, sizes, dim, seed):
+    rng = np.random.default_rng(seed)
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    a = pack_sign(rand_signs(rng, n, dim), dim)
+    v = pack_sign(rand_signs(rng, int(starts[-1]), dim), dim)
+    counts_ = np.diff(starts)
+    w = np.repeat(1.0 / (counts_ * dim), counts_).astype(np.float32)
+    np.testing.assert_allclose(kernels.sign_subtask_weighted(a, v, w, starts, dim),
+                               kernels.sign_subtask_means(a, v, starts, dim),
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_sign_subtask_weighted_mmlu_shape_readonly_unaligned():
+    rng = np.random.default_rng(6)
+    sizes = np.full(57, 5)
+    sizes[0], sizes[1], sizes[2], sizes[3] = 1, 9, 2, 8
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    nv = int(starts[-1])
+    dim = 8192 - 64 + 5
+    sr, sv = rand_signs(rng, 9, dim), rand_signs(rng, nv, dim)  # 9 rows: blocks of 4 + 1
+    w = rng.standard_normal(nv).astype(np.float32)
+    w[::7] *= -100.0
+    for r in variants(pack_sign(sr, dim)):
+        for v in variants(pack_sign(sv, dim)):
+            for ww in (w, readonly(w), w.astype(np.float64), list(w)):
+                got = kernels.sign_subtask_weighted(r, v, ww, starts, dim)
+                assert_weighted_close(got, sr, sv, w, starts)
+    empty = kernels.sign_subtask_weighted(pack_sign(sr, dim)[:0], pack_sign(sv, dim), w,
+                                          starts, dim)
+    assert empty.dtype == np.float32 and empty.shape == (0, 57)
+
+
+def test_sign_subtask_weighted_errors():
+    a = np.zeros((2, 8), np.uint8)
+    st2 = np.array([0, 1, 2])
+    for bad, match in [(np.ones(3, np.float32), "1-D float array of 2"),
+                       (np.ones((2, 1), np.float32), "1-D float array of 2"),
+                       (np.array(["a", "b"]), "1-D float array of 2"),
+                       (np.array([1.0, np.nan], np.float32), "value 1 is not finite"),
+                       (np.array([-np.inf, 1.0]), "value 0 is not finite"),
+                       (np.array([1.0, 1e300]), "value 1 is not finite in float32")]:
+        with pytest.raises(SchemaMismatchError, match=match):
+            kernels.sign_subtask_weighted(a, a, bad, st2, 64)
+    with pytest.raises(SchemaMismatchError, match="empty"):
+        kernels.sign_subtask_weighted(a, a, np.ones(2), np.array([0, 0, 2]), 64)
+    with pytest.raises(SchemaMismatchError, match="row widths differ"):
+        kernels.sign_subtask_weighted(a, np.zeros((2, 16), np.uint8), np.ones(2), st2, 64)
+
+
 # ---- errors ------------------------------------------------------------------------------
 
 
