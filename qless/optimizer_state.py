@@ -127,7 +127,7 @@ def _index_order(file: Path, params, groups: list[dict]) -> list[int]:
     if len(nonempty) <= 1:
         return nonempty[0] if nonempty else []
     # HF Trainer: group 0 = decay (not bias, not a norm), group 1 = no decay, each in model order.
-    no_decay = [bool(re.search(r"bias|norm", n, re.I)) for n, _ in params]
+    no_decay = [bool(re.search(r"bias|norm", n, re.IGNORECASE)) for n, _ in params]
     sizes = [len(g) for g in group_ids]
     if len(group_ids) != 2 or sizes != [no_decay.count(False), no_decay.count(True)]:
         raise OptimizerStateError(
@@ -159,7 +159,7 @@ def load_optimizer_state(checkpoint_dir: str | os.PathLike, model) -> OrderedDic
         return _by_name(file, params, named)
     try:
         sd = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+    except Exception as e:
         raise OptimizerStateError(f"{file}: cannot read: {e}".splitlines()[0]) from e
     state = sd.get("state") if isinstance(sd, dict) else None
     if not isinstance(state, dict) or not state:

@@ -252,7 +252,7 @@ def _lut_kernel():
                     lut[g, r, v] = lut[g, r, v & (v - 1)] + 2.0 * xc[r, g * 8 + bit]
         # Columns split into blocks, one per task; within a block, group-major so one group's
         # table stays in L1 while its columns are visited.
-        nblocks = 64 if wpr >= 64 else wpr
+        nblocks = min(64, wpr)
         for blk in prange(nblocks):
             w0 = blk * wpr // nblocks
             w1 = (blk + 1) * wpr // nblocks
