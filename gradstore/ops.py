@@ -382,14 +382,14 @@ def _flush(store, set_name, checkpoint, enc, key, layout, pending: list, done: i
     """Stage the whole blocks in `pending` (all of it when `last`); keep the rest buffered."""
     if not pending:
         return done
-    rows = quant.QuantizedRows(*(np.concatenate(p) for p in zip(*pending)))
+    rows = quant.QuantizedRows.concat(pending)
     br = layout["block_rows"]
     take = len(rows.scale) if last else len(rows.scale) // br * br
     pending.clear()
     if take < len(rows.scale):
-        pending.append(quant.QuantizedRows(*(a[take:] for a in rows)))
+        pending.append(rows.take(slice(take, None)))
     if take:
-        store.stage_blocks(set_name, checkpoint, enc, key, done, quant.QuantizedRows(*(a[:take] for a in rows)))
+        store.stage_blocks(set_name, checkpoint, enc, key, done, rows.take(slice(0, take)))
     return done + take
 
 
@@ -610,7 +610,7 @@ def _check_set(txn, dbs, name, rec, ckpt_names, report, bar) -> dict:
         if w > valid_rows:
             report.findings.append(Finding(where_c, f"written says {w} rows, the set holds {valid_rows}"))
         for enc, layout in rec["encodings"].items():
-            br, rb = layout["block_rows"], layout["row_bytes"]
+            br = layout["block_rows"]
             for b in range(-(-w // br)):
                 where = f"{where_c} encoding {enc} block {b}"
                 expected = min(br, w - b * br)
@@ -622,7 +622,7 @@ def _check_set(txn, dbs, name, rec, ckpt_names, report, bar) -> dict:
                     problem = "missing"
                 else:
                     try:
-                        blk = decode_block(raw, rb, b * br, where, verify=True)
+                        blk = decode_block(raw, layout, b * br, where, verify=True)
                         if len(blk.scale) < expected:
                             problem = f"holds {len(blk.scale)} rows, expected {expected}"
                         elif len(blk.scale) > expected:
@@ -706,17 +706,15 @@ def _fix(txn, dbs, recs, plans, orphans, ckpt_names, report) -> None:
                 continue
             ci = ckpt_names.index(c)
             for enc, layout in rec["encodings"].items():
-                br, rb = layout["block_rows"], layout["row_bytes"]
+                br = layout["block_rows"]
                 key = _enc_key(layout, enc)
                 for b in range(-(-new // br), -(-w // br)):
                     txn.delete(_block_key(set_id, ci, key, b), db=dbs["blocks"])
                 if new % br:  # the block at the new end keeps its first rows (verified good)
                     b = new // br
                     raw = txn.get(_block_key(set_id, ci, key, b), db=dbs["blocks"])
-                    blk = decode_block(raw, rb, b * br, f"block {b}")
-                    keep = new - b * br
-                    txn.put(_block_key(set_id, ci, key, b),
-                            encode_block(blk.payload[:keep], blk.scale[:keep], blk.norm[:keep]),
+                    blk = decode_block(raw, layout, b * br, f"block {b}")
+                    txn.put(_block_key(set_id, ci, key, b), encode_block(blk.rows(0, new - b * br)),
                             db=dbs["blocks"])
             rec["written"][c] = new
             if new < w:

@@ -39,11 +39,34 @@ _PARALLEL_MIN_SIZE = 1 << 18  # entries of x; about 32 rows of d = 8192
 
 
 class QuantizedRows(NamedTuple):
-    """Packed rows (uint8, (n, row_bytes)) with their float32 scale (n,) and level norm (n,)."""
+    """Packed rows (uint8, (n, row_bytes)) with their float32 scale (n,) and level norm (n,).
+
+    Centered rows also carry `extra` (float32 (n, 3)): CENTERED_COLUMNS, exact float norms.
+    """
 
     payload: np.ndarray
     scale: np.ndarray
     norm: np.ndarray
+    extra: np.ndarray | None = None
+
+    def take(self, index) -> "QuantizedRows":
+        """The rows at `index` (a slice or an index array), copied."""
+        return QuantizedRows(self.payload[index].copy(), self.scale[index].copy(), self.norm[index].copy(),
+                             None if self.extra is None else self.extra[index].copy())
+
+    @staticmethod
+    def concat(parts: "list[QuantizedRows]") -> "QuantizedRows":
+        """Rows of `parts` one after another (all centered or none)."""
+        extras = [p.extra for p in parts]
+        return QuantizedRows(np.concatenate([p.payload for p in parts]),
+                             np.concatenate([p.scale for p in parts]),
+                             np.concatenate([p.norm for p in parts]),
+                             None if extras[0] is None else np.concatenate(extras))
+
+
+# Per-row exact values a centered row keeps beside its quantized residual direction:
+# |x - c|, |x|, and <R, c> with R = levels / |levels| (the residual's stored unit direction).
+CENTERED_COLUMNS = ("res_norm", "full_norm", "cdot")
 
 
 def quantize(x: np.ndarray, enc: Encoding | str,
@@ -100,6 +123,29 @@ def _quantize(x: np.ndarray, enc: Encoding, global_scale: float | None) -> Quant
     _pack_levels(x, num, den, enc.bits, payload, level_sumsq)
     return QuantizedRows(payload, _float32_scale(den / num),
                          np.sqrt(level_sumsq).astype(np.float32))
+
+
+def quantize_centered(x: np.ndarray, centroid: np.ndarray, enc: Encoding | str,
+                      quantizer=None) -> QuantizedRows:
+    """Quantize the residuals x - c in `enc`'s base encoding, keeping exact norms (`extra`).
+
+    Then <x, v> = <c, v> + |x - c| <R, v> with only the unit residual R approximated, and
+    cos(x, v) divides by the exact |x| |v|. `quantizer` defaults to `quantize`.
+    """
+    enc = _encoding(enc)
+    x = _as_rows(x)
+    c = np.asarray(centroid, np.float32)
+    if c.shape != (x.shape[1],) or not np.isfinite(c).all():
+        raise SchemaMismatchError(f"centroid must be {x.shape[1]} finite floats, got shape {c.shape}")
+    base = Encoding(enc.kind, enc.bits, enc.global_scale, centered=False)
+    residual = x - c
+    rows = (quantizer or quantize)(residual, base)
+    levels = unpack_levels(rows.payload, base, x.shape[1]).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cdot = np.where(rows.norm > 0, levels @ c.astype(np.float64) / rows.norm, 0.0)
+    extra = np.stack([np.linalg.norm(residual.astype(np.float64), axis=1),
+                      np.linalg.norm(x.astype(np.float64), axis=1), cdot], axis=1)
+    return QuantizedRows(rows.payload, rows.scale, rows.norm, extra.astype(np.float32))
 
 
 def quantize_reference(x: np.ndarray, enc: Encoding | str,

@@ -104,24 +104,33 @@ class Block:
     payload: np.ndarray  # uint8 (n, row_bytes)
     scale: np.ndarray  # float32 (n,)
     norm: np.ndarray  # float32 (n,)
+    extra: np.ndarray | None = None  # float32 (n, 3) for centered encodings
+
+    def rows(self, lo: int = 0, hi: int | None = None) -> quant.QuantizedRows:
+        """Rows lo..hi-1 of the block, copied out of the map."""
+        return quant.QuantizedRows(self.payload, self.scale, self.norm, self.extra).take(slice(lo, hi))
 
 
-def encode_block(payload: np.ndarray, scale: np.ndarray, norm: np.ndarray) -> bytes:
-    body = b"".join(
-        (np.ascontiguousarray(payload, np.uint8).tobytes(),
-         np.ascontiguousarray(scale, "<f4").tobytes(),
-         np.ascontiguousarray(norm, "<f4").tobytes())
-    )
-    return _BLOCK_HEADER.pack(_BLOCK_MAGIC, len(scale), zlib.crc32(body)) + body
+def encode_block(rows: quant.QuantizedRows) -> bytes:
+    parts = [np.ascontiguousarray(rows.payload, np.uint8), np.ascontiguousarray(rows.scale, "<f4"),
+             np.ascontiguousarray(rows.norm, "<f4")]
+    if rows.extra is not None:  # column-major, like scale and norm
+        parts.append(np.ascontiguousarray(np.asarray(rows.extra, "<f4").T))
+    body = b"".join(p.tobytes() for p in parts)
+    return _BLOCK_HEADER.pack(_BLOCK_MAGIC, len(rows.scale), zlib.crc32(body)) + body
 
 
-def decode_block(value, row_bytes: int, start: int, where: str, verify: bool = False) -> Block:
-    """Views over one stored block (zero-copy when `value` is a buffer); checks its framing."""
+def decode_block(value, layout: dict, start: int, where: str, verify: bool = False) -> Block:
+    """Views over one stored block (zero-copy when `value` is a buffer); checks its framing.
+
+    `layout` is the encoding's layout in its set record: row_bytes, and extra columns if any.
+    """
+    row_bytes, n_extra = layout["row_bytes"], layout.get("extra", 0)
     buf = memoryview(value)
     if len(buf) < _BLOCK_HEADER.size:
         raise CorruptStoreError(f"{where}: block truncated to {len(buf)} bytes")
     magic, n, crc = _BLOCK_HEADER.unpack_from(buf)
-    expected = _BLOCK_HEADER.size + n * (row_bytes + 8)
+    expected = _BLOCK_HEADER.size + n * (row_bytes + 4 * (2 + n_extra))
     if magic != _BLOCK_MAGIC or len(buf) != expected:
         raise CorruptStoreError(f"{where}: block framing is wrong (size {len(buf)}, expected {expected})")
     body = buf[_BLOCK_HEADER.size:]
@@ -130,7 +139,10 @@ def decode_block(value, row_bytes: int, start: int, where: str, verify: bool = F
     payload = np.frombuffer(body, np.uint8, n * row_bytes).reshape(n, row_bytes)
     scale = np.frombuffer(body, "<f4", n, n * row_bytes)
     norm = np.frombuffer(body, "<f4", n, n * row_bytes + 4 * n)
-    return Block(start, payload, scale, norm)
+    extra = None
+    if n_extra:
+        extra = np.frombuffer(body, "<f4", n_extra * n, n * row_bytes + 8 * n).reshape(n_extra, n).T
+    return Block(start, payload, scale, norm, extra)
 
 
 class _EnvRegistry:
@@ -511,20 +523,16 @@ class Store:
                        rows: quant.QuantizedRows) -> None:
         """Append rows after row `start`: refill the last partial block, then add new ones."""
         layout = rec["encodings"][enc.name]
-        block_rows, row_bytes = layout["block_rows"], layout["row_bytes"]
-        payload, scale, norm = rows.payload, rows.scale, rows.norm
+        block_rows = layout["block_rows"]
         block = start // block_rows
         if start % block_rows:
             key = _block_key(rec["id"], ckpt, _enc_key(layout, enc.name), block)
-            old = decode_block(txn.get(key, db=self._dbs["blocks"]), row_bytes, block * block_rows,
+            old = decode_block(txn.get(key, db=self._dbs["blocks"]), layout, block * block_rows,
                                f"block {block}")
-            payload = np.concatenate([old.payload, payload])
-            scale = np.concatenate([old.scale, scale])
-            norm = np.concatenate([old.norm, norm])
-        for lo in range(0, len(scale), block_rows):
-            hi = lo + block_rows
+            rows = quant.QuantizedRows.concat([old.rows(), rows])
+        for lo in range(0, len(rows.scale), block_rows):
             key = _block_key(rec["id"], ckpt, _enc_key(layout, enc.name), block + lo // block_rows)
-            txn.put(key, encode_block(payload[lo:hi], scale[lo:hi], norm[lo:hi]), db=self._dbs["blocks"])
+            txn.put(key, encode_block(rows.take(slice(lo, lo + block_rows))), db=self._dbs["blocks"])
 
     # ---- reading --------------------------------------------------------------------
     def scan(self, set_name: str, checkpoints: Sequence[str], encoding: str, verify: bool = False,
@@ -555,8 +563,9 @@ class Store:
                                   db=self._dbs["blocks"])
                     if raw is None:
                         raise CorruptStoreError(f"{where}: missing")
-                    blk = decode_block(raw, layout["row_bytes"], start, where, verify)
-                    blocks.append(Block(start, blk.payload[:take], blk.scale[:take], blk.norm[:take]))
+                    blk = decode_block(raw, layout, start, where, verify)
+                    blocks.append(Block(start, blk.payload[:take], blk.scale[:take], blk.norm[:take],
+                                        None if blk.extra is None else blk.extra[:take]))
                 metas = [next(meta_iter) for _ in range(take)] if with_rows else None
                 yield start, blocks, metas
 
@@ -574,13 +583,8 @@ class Store:
 
     def read(self, set_name: str, checkpoint: str, encoding: str) -> quant.QuantizedRows:
         """The stored rows of one (set, checkpoint, encoding), copied out of the store."""
-        parts = [(b.payload.copy(), b.scale.copy(), b.norm.copy())
-                 for _, (b,), _ in self.scan(set_name, [checkpoint], encoding)]
-        row_bytes = parse_encoding(encoding).row_bytes(self.dim)
-        if not parts:
-            return quant.QuantizedRows(np.zeros((0, row_bytes), np.uint8), np.zeros(0, np.float32),
-                                       np.zeros(0, np.float32))
-        return quant.QuantizedRows(*(np.concatenate(p) for p in zip(*parts)))
+        parts = [b.rows() for _, (b,), _ in self.scan(set_name, [checkpoint], encoding)]
+        return quant.QuantizedRows.concat(parts) if parts else self._no_rows(parse_encoding(encoding))
 
     def info(self) -> dict:
         """A JSON-safe summary: dim, projection, model, checkpoints, sets with bytes per encoding."""
@@ -645,22 +649,24 @@ class Store:
             if not 0 <= start <= stop <= n:
                 raise ValueError(f"set {set_name!r} checkpoint {checkpoint!r}: rows {start}..{stop}"
                                  f" are outside the {n} written")
-            br, rb = layout["block_rows"], layout["row_bytes"]
+            br = layout["block_rows"]
             parts = []
             for b in range(start // br, (stop + br - 1) // br):
                 where = f"{self.path}: set {set_name!r} checkpoint {checkpoint!r} encoding {enc.name} block {b}"
                 raw = txn.get(_block_key(rec["id"], ci, _enc_key(layout, enc.name), b), db=self._dbs["blocks"])
                 if raw is None:
                     raise CorruptStoreError(f"{where}: missing")
-                blk = decode_block(raw, rb, b * br, where)
+                blk = decode_block(raw, layout, b * br, where)
                 lo, hi = max(start - b * br, 0), min(stop - b * br, br)
                 if hi > len(blk.scale):
                     raise CorruptStoreError(f"{where}: holds {len(blk.scale)} rows, expected {hi}")
-                parts.append((blk.payload[lo:hi].copy(), blk.scale[lo:hi].copy(), blk.norm[lo:hi].copy()))
-        if not parts:
-            return quant.QuantizedRows(np.zeros((0, enc.row_bytes(self.dim)), np.uint8),
-                                       np.zeros(0, np.float32), np.zeros(0, np.float32))
-        return quant.QuantizedRows(*(np.concatenate(p) for p in zip(*parts)))
+                parts.append(blk.rows(lo, hi))
+        return quant.QuantizedRows.concat(parts) if parts else self._no_rows(enc)
+
+    def _no_rows(self, enc: Encoding) -> quant.QuantizedRows:
+        extra = np.zeros((0, len(quant.CENTERED_COLUMNS)), np.float32) if enc.centered else None
+        return quant.QuantizedRows(np.zeros((0, enc.row_bytes(self.dim)), np.uint8),
+                                   np.zeros(0, np.float32), np.zeros(0, np.float32), extra)
 
     def write_quantized(self, set_name: str, checkpoint: str, rows: dict, ids: Sequence[str],
                         kind: str = "train", metadata: Sequence[dict] | None = None) -> int:
@@ -705,7 +711,7 @@ class Store:
             for lo in range(0, len(rows.scale), br):
                 hi = lo + br
                 txn.put(_block_key(set_id, ci, key, (start + lo) // br),
-                        encode_block(rows.payload[lo:hi], rows.scale[lo:hi], rows.norm[lo:hi]),
+                        encode_block(rows.take(slice(lo, hi))),
                         db=self._dbs["blocks"])
 
         self._write_txn(put)
