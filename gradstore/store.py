@@ -8,6 +8,9 @@ Named databases (keys are fixed-width big-endian so byte order is numeric order)
 - ``ids``: set_id u32 | id utf-8 -> row u64 (duplicate checks, resume)
 - ``blocks``: set_id u32 | checkpoint u32 | encoding (24 bytes) | block u32 -> one block:
   header (magic, n rows, crc32) | payload (n x row_bytes) | scale (n x f32) | norm (n x f32)
+  [| res_norm, full_norm, cdot (n x f32 each) for centered encodings]
+- ``centroids``: set_id u32 | checkpoint u32 -> float32 (dim,): the centroid that centered
+  encodings of that set and checkpoint subtract, frozen at their first write
 
 Every ``write`` is one write transaction, so a killed writer leaves whole batches only.
 Nothing is pickled: metadata is JSON, vectors are raw little-endian arrays.
@@ -47,7 +50,7 @@ DEFAULT_BLOCK_BYTES = 2 << 20  # ~2 MiB blocks: a few large zero-copy reads per 
 MAX_BLOCK_ROWS = 4096
 DEFAULT_MAP_SIZE = 64 << 20  # grows on demand (doubling), so small stores stay small
 _DATA_FILE = "data.mdb"
-_DBS = ("meta", "checkpoints", "sets", "rows", "ids", "blocks")
+_DBS = ("meta", "checkpoints", "sets", "rows", "ids", "blocks", "centroids")
 _BLOCK_HEADER = struct.Struct("<4sII")  # magic, n_rows, crc32 of everything after the header
 _BLOCK_MAGIC = b"GSB1"
 _ENC_KEY_BYTES = 24
@@ -410,11 +413,13 @@ class Store:
     # ---- writing --------------------------------------------------------------------
     def write(self, set_name: str, checkpoint: str, vectors, ids: Sequence[str], kind: str = "train",
               encodings: Sequence[str] = ("f16", "absmax8", "sign1"), metadata: Sequence[dict] | None = None,
-              subtasks: Sequence[str] | None = None) -> int:
+              subtasks: Sequence[str] | None = None, centroid=None) -> int:
         """Append one batch of rows of `set_name` for `checkpoint` in one transaction.
 
         Rows of a (set, checkpoint) arrive in the set's row order: ids new to the set are
         appended to it; ids the set already has must come in its order. Returns rows written.
+        Centered encodings subtract the (set, checkpoint)'s centroid, frozen at their first
+        write: `centroid` (e.g. the mean of a calibration sample), else this batch's mean.
         """
         if self.readonly:
             raise ReadOnlyError(f"{self.path}: store is open read-only; open it with readonly=False")
@@ -448,18 +453,26 @@ class Store:
         if not encs:
             raise SchemaMismatchError(f"set {set_name!r}: at least one encoding is needed")
         _refuse_global(encs)
+        center = None
+        if n and any(e.centered for e in encs):
+            center = self.centroid(set_name, checkpoint)
+            if center is None:
+                center = np.asarray(x.mean(axis=0) if centroid is None else centroid, np.float32)
         # Quantize outside the write transaction: the writer lock is held only for I/O.
-        encoded = {enc.name: quant.quantize(x, enc) for enc in encs} if n else {}
+        encoded = {enc.name: quant.quantize_centered(x, center, enc) if enc.centered else quant.quantize(x, enc)
+                   for enc in encs} if n else {}
         rows_meta = [_row_record(i, s, m, set_name) for i, s, m in zip(ids, subtasks, metadata)]
-        return self._append_rows(set_name, checkpoint, kind, encs, ids, rows_meta, encoded)
+        return self._append_rows(set_name, checkpoint, kind, encs, ids, rows_meta, encoded, center)
 
     def _append_rows(self, set_name: str, checkpoint: str, kind: str, encs: list[Encoding],
-                     ids: list[str], rows_meta: list[dict], encoded: dict) -> int:
+                     ids: list[str], rows_meta: list[dict], encoded: dict, center=None) -> int:
         n = len(ids)
 
         def write(txn):
             ckpt = self._checkpoint_index(txn, checkpoint)
             rec = self._get_or_create_set(txn, set_name, kind, encs)
+            if center is not None:
+                self._freeze_centroid(txn, rec["id"], ckpt, set_name, checkpoint, center)
             start = rec["written"].get(checkpoint, 0)
             self._place_rows(txn, rec, set_name, checkpoint, start, ids, rows_meta)
             for enc in encs:
@@ -487,10 +500,33 @@ class Store:
                 f" {', '.join(sorted(names))} (use requantize to add encodings)")
         return rec
 
+    def _freeze_centroid(self, txn, set_id: int, ckpt: int, set_name: str, checkpoint: str, center) -> None:
+        key = struct.pack(">II", set_id, ckpt)
+        stored = txn.get(key, db=self._dbs["centroids"])
+        if stored is None:
+            txn.put(key, np.ascontiguousarray(center, "<f4").tobytes(), db=self._dbs["centroids"])
+        elif bytes(stored) != np.ascontiguousarray(center, "<f4").tobytes():
+            # Another writer froze a different centroid between our read and this transaction.
+            raise SchemaMismatchError(
+                f"set {set_name!r} checkpoint {checkpoint!r}: its centroid changed during this write; retry")
+
+    def centroid(self, set_name: str, checkpoint: str) -> np.ndarray | None:
+        """The centroid centered encodings of (set, checkpoint) subtract, or None before any."""
+        with self.env.begin() as txn:
+            raw = txn.get(set_name.encode(), db=self._dbs["sets"])
+            if raw is None:
+                return None
+            key = struct.pack(">II", _loads(raw)["id"], self._checkpoint_index(txn, checkpoint))
+            stored = txn.get(key, db=self._dbs["centroids"])
+        return None if stored is None else np.frombuffer(stored, "<f4").copy()
+
     def _layout(self, enc: Encoding) -> dict:
         row_bytes = enc.row_bytes(self.dim)
         block_rows = int(min(MAX_BLOCK_ROWS, max(1, self.meta["block_bytes"] // row_bytes)))
-        return {"row_bytes": row_bytes, "block_rows": block_rows}
+        layout = {"row_bytes": row_bytes, "block_rows": block_rows}
+        if enc.centered:
+            layout["extra"] = len(quant.CENTERED_COLUMNS)
+        return layout
 
     def _place_rows(self, txn, rec: dict, set_name: str, checkpoint: str, start: int,
                     ids: list[str], rows_meta: list[dict]) -> None:
@@ -634,7 +670,10 @@ class Store:
     def vectors(self, set_name: str, checkpoint: str, encoding: str = "f16") -> np.ndarray:
         """Dequantized float32 vectors (n, dim) of one set at one checkpoint, in row order."""
         rows = self.read(set_name, checkpoint, encoding)
-        return quant.dequantize(rows.payload, rows.scale, encoding, self.dim)
+        vectors = quant.dequantize(rows.payload, rows.scale, encoding, self.dim)
+        if parse_encoding(encoding).centered and len(vectors):
+            vectors += self.centroid(set_name, checkpoint)  # rows hold the residuals x - c
+        return vectors
 
     # ---- maintenance: what gradstore.ops (merge, requantize, check) builds on ------------
     def read_range(self, set_name: str, checkpoint: str, encoding: str, start: int,
@@ -682,6 +721,11 @@ class Store:
         _check_unique(ids, set_name)
         encs = [parse_encoding(e) for e in rows]
         _refuse_global(encs)
+        for enc in encs:
+            if enc.centered:  # each source froze its own centroid; their residuals do not mix
+                raise SchemaMismatchError(
+                    f"set {set_name!r}: {enc.name} rows cannot be copied between stores (each froze"
+                    " its own centroid); merge the other encodings and requantize")
         for enc in encs:
             got = rows[enc.name]
             shape = (n, enc.row_bytes(self.dim))

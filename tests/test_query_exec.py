@@ -10,6 +10,7 @@ from gradstore import QuerySyntaxError, SchemaMismatchError, UnknownNameError
 
 DIM = 100
 ENCODINGS = ("f32", "f16", "absmax8", "absmax4", "absmax2", "absmean8", "absmean4", "absmean2", "sign1")
+CENTERED = ("sign1-centered", "absmax4-centered", "absmax2-centered", "absmean8-centered")
 CKPTS = {"e1": 3e-5, "e2": 2e-5, "e3": 1e-5}
 TASKS = {  # unequal subtask sizes, interleaved rows
     "mmlu": ["law", "art", "law", "bio", "law", "art"],
@@ -29,7 +30,7 @@ def store(tmp_path_factory):
         x = (rng.standard_normal((n, DIM)) + 0.5 * shared).astype(np.float32)
         for lo in range(0, n, 20):
             st.write("train", name, x[lo:lo + 20], [f"z{i}" for i in range(lo, min(n, lo + 20))],
-                     encodings=ENCODINGS,
+                     encodings=ENCODINGS + CENTERED,
                      metadata=[{"source": "dolly" if i % 3 else "flan", "tokens": 10 * i}
                                for i in range(lo, min(n, lo + 20))])
         for task, subtasks in TASKS.items():
@@ -62,6 +63,48 @@ def reference(store, tasks, ckpts, weight, enc, mode, agg, combine):
         per_task.append(acc.max(axis=1) if agg == "max" else acc.mean(axis=1))
     per_task = np.stack(per_task)
     return {"mean": per_task.mean(0), "max": per_task.max(0), "sum": per_task.sum(0)}[combine]
+
+
+def reference_centered(store, task, enc, mode, agg="max"):
+    """DESIGN's score with G ~ c + |G-c| R (R the stored unit residual), exact |G| and |V|."""
+    from gradstore.encodings import Encoding, parse_encoding
+    from gradstore.quant import quantize_reference, unpack_levels
+
+    e = parse_encoding(enc)
+    base = Encoding(e.kind, e.bits)
+    lrs = np.array(list(CKPTS.values()))
+    subtasks = np.array(TASKS[task])
+    acc = 0
+    for w, c in zip(lrs / lrs.sum(), CKPTS):
+        g = store.vectors("train", c, "f32").astype(np.float64)
+        center = g[:20].mean(axis=0)  # the first batch's mean, frozen
+        r = unpack_levels(store.read("train", c, enc).payload, base, DIM).astype(np.float64)
+        g_approx = center + np.linalg.norm(g - center, axis=1)[:, None] * r / np.linalg.norm(r, axis=1)[:, None]
+        v = store.vectors(task, c, "f32").astype(np.float64)
+        if mode == "symmetric":
+            rv = unpack_levels(quantize_reference((v - center).astype(np.float32), base).payload, base, DIM)
+            v_approx = center + np.linalg.norm(v - center, axis=1)[:, None] * rv / np.linalg.norm(rv, axis=1)[:, None]
+        else:
+            v_approx = v
+        cos = (g_approx @ v_approx.T) / np.outer(np.linalg.norm(g, axis=1), np.linalg.norm(v, axis=1))
+        acc = acc + w * np.stack([cos[:, subtasks == s].mean(axis=1) for s in dict.fromkeys(TASKS[task])], axis=1)
+    return acc.max(axis=1) if agg == "max" else acc.mean(axis=1)
+
+
+@pytest.mark.parametrize("enc", CENTERED)
+@pytest.mark.parametrize("mode", ["symmetric", "asymmetric"])
+def test_centered_encodings_match_the_formula(store, enc, mode):
+    result = store.query(f"SCORE FROM train BY mmlu ENCODING {enc} MODE {mode}")
+    np.testing.assert_allclose(result.scores, reference_centered(store, "mmlu", enc, mode), rtol=1e-4, atol=1e-5)
+    assert result.plan.kernel == ("xor-popcount" if (enc, mode) == ("sign1-centered", "symmetric") else "float-dot")
+
+
+def test_centered_scores_track_float_scores_better_than_plain(store):
+    exact = store.query("SCORE FROM train BY mmlu ENCODING f32").scores
+    for bits in ("sign1", "absmax2"):
+        plain = store.query(f"SCORE FROM train BY mmlu ENCODING {bits} MODE asymmetric").scores
+        centered = store.query(f"SCORE FROM train BY mmlu ENCODING {bits}-centered MODE asymmetric").scores
+        assert np.abs(centered - exact).mean() < np.abs(plain - exact).mean()
 
 
 def check_top(result, ref, k):

@@ -179,3 +179,32 @@ def test_one_environment_per_path(tmp_store, tmp_path):
     assert other.env is tmp_store.env
     other.close()  # the shared environment stays open for the other handle
     assert tmp_store.checkpoint_names() == ["epoch-1", "epoch-2"]
+
+
+def test_centered_rows_keep_a_frozen_centroid_and_exact_norms(tmp_store):
+    x = rand(12) + 3.0  # a shared offset, as real gradients have
+    tmp_store.write("train", "epoch-1", x[:5], [f"r{i}" for i in range(5)], encodings=["f32", "sign1-centered"])
+    tmp_store.write("train", "epoch-1", x[5:], [f"r{i}" for i in range(5, 12)], encodings=["f32", "sign1-centered"])
+    center = tmp_store.centroid("train", "epoch-1")
+    np.testing.assert_allclose(center, x[:5].mean(axis=0), rtol=1e-6)  # frozen at the first batch
+    rows = tmp_store.read("train", "epoch-1", "sign1-centered")
+    res_norm, full_norm, cdot = rows.extra.T
+    np.testing.assert_allclose(res_norm, np.linalg.norm(x - center, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(full_norm, np.linalg.norm(x, axis=1), rtol=1e-5)
+    signs = quant.unpack_levels(rows.payload, "sign1", DIM)
+    np.testing.assert_array_equal(signs, np.where(x - center > 0, 1, -1))
+    np.testing.assert_allclose(cdot, signs @ center / np.sqrt(DIM), rtol=1e-5)
+    # dequantized: centroid plus the residual at its exact length along the stored signs
+    approx = tmp_store.vectors("train", "epoch-1", "sign1-centered")
+    np.testing.assert_allclose(np.linalg.norm(approx - center, axis=1), res_norm, rtol=1e-5)
+    assert tmp_store.centroid("train", "epoch-2") is None
+
+
+def test_a_calibration_centroid_is_used_when_given(tmp_store):
+    x = rand(4)
+    calibration = np.full(DIM, 0.5, np.float32)
+    tmp_store.write("t", "epoch-1", x, list("abcd"), encodings=["absmax4-centered"], centroid=calibration)
+    np.testing.assert_array_equal(tmp_store.centroid("t", "epoch-1"), calibration)
+    with pytest.raises(SchemaMismatchError, match="cannot be copied between stores"):
+        tmp_store.write_quantized("u", "epoch-1", {"absmax4-centered": tmp_store.read("t", "epoch-1", "absmax4-centered")},
+                                  list("abcd"))

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import kernels
-from ..encodings import parse_encoding
-from ..quant import unpack_levels
+from ..encodings import Encoding, parse_encoding
+from ..quant import quantize, unpack_levels
 from .planner import Plan, TaskPlan
 
 _AGG = {"max": np.max, "mean": np.mean}
@@ -54,30 +54,96 @@ class _TopK:
         self.scores, self.rows = s[order], r[order]
 
 
-def _task_side(store, plan: Plan, task: TaskPlan, ckpt: str) -> np.ndarray:
-    """What the kernel needs of one task at one checkpoint.
+@dataclass
+class _Side:
+    """What scoring needs of one task at one checkpoint (see _subtask_cos for the formulas)."""
 
-    xor-popcount: the task's packed sign rows grouped by subtask.
-    float-dot: one float64-accurate vector per subtask, mean_v of v/|v| (the collapse).
-    """
-    rows = store.read(task.name, ckpt, task.encoding)
-    order = np.asarray(task.order, np.int64)
-    if plan.kernel == "xor-popcount":
-        return np.ascontiguousarray(rows.payload[order])
-    levels = unpack_levels(rows.payload, task.encoding, store.dim).astype(np.float64)
+    starts: np.ndarray  # int64 (S+1,): rows of subtask s are vals[starts[s]:starts[s+1]]
+    vals: np.ndarray | None = None  # xor-popcount: packed sign rows grouped by subtask
+    weights: np.ndarray | None = None  # xor-popcount: per task row
+    queries: np.ndarray | None = None  # float-dot: one float vector per subtask
+    center: float | np.ndarray = 0.0  # centered, asymmetric: <c, m_s> per subtask
+    alpha: np.ndarray | None = None  # centered, symmetric: mean_v 1/|V|
+    beta: np.ndarray | None = None  # centered, symmetric: mean_v |V-c| <c, Rv> / |V|
+    c_norm2: float = 0.0  # centered, symmetric: |c|^2
+
+
+def _unit(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows scaled to unit length (zero rows stay zero), and the lengths."""
     norms = np.linalg.norm(levels, axis=1)
-    unit = np.divide(levels, norms[:, None], out=np.zeros_like(levels), where=norms[:, None] > 0)
-    unit = unit[order]
-    starts = task.starts
-    return np.stack([unit[starts[s]:starts[s + 1]].mean(axis=0) for s in range(len(task.subtasks))]
-                    ).astype(np.float32)
+    return np.divide(levels, norms[:, None], out=np.zeros_like(levels), where=norms[:, None] > 0), norms
+
+
+def _subtask_means(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    return np.stack([x[starts[s]:starts[s + 1]].mean(axis=0) for s in range(len(starts) - 1)])
+
+
+def _task_side(store, plan: Plan, task: TaskPlan, ckpt: str) -> _Side:
+    enc = parse_encoding(plan.encoding)
+    order = np.asarray(task.order, np.int64)
+    starts = np.asarray(task.starts, np.int64)
+    counts = np.repeat(np.diff(starts), np.diff(starts)).astype(np.float64)
+    dim = store.dim
+    if not enc.centered:
+        rows = store.read(task.name, ckpt, task.encoding)
+        if plan.kernel == "xor-popcount":  # sign rows on both sides: |v| = sqrt(d), cos = dot / d
+            return _Side(starts, vals=np.ascontiguousarray(rows.payload[order]), weights=1.0 / (counts * dim))
+        unit, _ = _unit(unpack_levels(rows.payload, task.encoding, dim).astype(np.float64)[order])
+        return _Side(starts, queries=_subtask_means(unit, starts).astype(np.float32))
+
+    v = store.vectors(task.name, ckpt, task.encoding).astype(np.float64)[order]  # the float master
+    c = store.centroid(plan.set_name, ckpt).astype(np.float64)
+    if plan.mode == "asymmetric":
+        m = _subtask_means(_unit(v)[0], starts)
+        return _Side(starts, queries=m.astype(np.float32), center=m @ c)
+    # Symmetric: the task rows quantized as the train rows are, around the train centroid.
+    base = Encoding(enc.kind, enc.bits, enc.global_scale)
+    q = quantize(v - c, base)
+    r_unit, _ = _unit(unpack_levels(q.payload, base, dim).astype(np.float64))
+    v_norm = np.linalg.norm(v, axis=1)
+    inv = np.divide(1.0, v_norm, out=np.zeros_like(v_norm), where=v_norm > 0)
+    b = np.linalg.norm(v - c, axis=1) * inv  # |V - c| / |V|
+    side = _Side(starts, alpha=_subtask_means(inv[:, None], starts)[:, 0],
+                 beta=_subtask_means((b * (r_unit @ c))[:, None], starts)[:, 0], c_norm2=float(c @ c))
+    if plan.kernel == "xor-popcount":
+        side.vals, side.weights = np.ascontiguousarray(q.payload), b / (counts * dim)
+    else:
+        side.queries = _subtask_means(b[:, None] * r_unit, starts).astype(np.float32)
+    return side
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    den = den.astype(np.float64)[:, None]
+    return np.divide(num, den, out=np.zeros(num.shape, np.float64), where=den > 0)
+
+
+def _subtask_cos(plan: Plan, enc: Encoding, side: _Side, blk, dim: int) -> np.ndarray:
+    """(rows, subtasks): mean over each subtask's task rows of cos(train row, task row).
+
+    Plain: <L, q_s> / |L| with q_s the subtask's collapsed unit vectors (or XOR-popcount).
+    Centered (G = c + a R, R = L/|L|, exact a = |G - c| and |G|):
+      asymmetric: (<c, m_s> + a <R, m_s>) / |G|
+      symmetric:  ((|c|^2 + a <R, c>) alpha_s + beta_s + a T_s) / |G|,
+                  T_s = mean_v |V-c|/|V| <R, Rv>   (V = c + |V-c| Rv)
+    """
+    if plan.kernel == "xor-popcount":
+        t = kernels.sign_subtask_weighted(blk.payload, side.vals, side.weights, side.starts, dim)
+    else:
+        t = _safe_div(kernels.float_dot(blk.payload, enc, dim, side.queries), blk.norm)
+    if not enc.centered:
+        return t
+    a, full, cdot = (blk.extra[:, i].astype(np.float64) for i in range(3))
+    if plan.mode == "asymmetric":
+        num = side.center[None, :] + a[:, None] * t
+    else:
+        num = (side.c_norm2 + a * cdot)[:, None] * side.alpha[None, :] + side.beta[None, :] + a[:, None] * t
+    return _safe_div(num, full)
 
 
 def execute(store, plan: Plan) -> Result:
     enc = parse_encoding(plan.encoding)
     dim = store.dim
     sides = {(t.name, c): _task_side(store, plan, t, c) for t in plan.tasks for c in plan.checkpoints}
-    starts = {t.name: np.asarray(t.starts, np.int64) for t in plan.tasks}
     where = plan.query.where
     top = _TopK(plan.k) if plan.k is not None else None
     all_scores = [] if top is None else None
@@ -89,15 +155,7 @@ def execute(store, plan: Plan) -> Result:
         for t in plan.tasks:
             acc = np.zeros((n, len(t.subtasks)), np.float64)
             for w, c, blk in zip(plan.weights, plan.checkpoints, blocks):
-                side = sides[(t.name, c)]
-                if plan.kernel == "xor-popcount":
-                    means = kernels.sign_subtask_means(blk.payload, side, starts[t.name], dim)
-                else:
-                    dots = kernels.float_dot(blk.payload, enc, dim, side)
-                    norm = blk.norm.astype(np.float64)
-                    means = np.divide(dots, norm[:, None], out=np.zeros(dots.shape, np.float64),
-                                      where=norm[:, None] > 0)
-                acc += w * means
+                acc += w * _subtask_cos(plan, enc, sides[(t.name, c)], blk, dim)
             per_task.append(_AGG[plan.query.agg](acc, axis=1))
         scores = _COMBINE[plan.query.combine](np.stack(per_task), axis=0).astype(np.float32)
         rows = np.arange(start, start + n, dtype=np.int64)

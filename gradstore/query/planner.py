@@ -199,7 +199,7 @@ def _choose_encoding(query: Query, set_info: dict) -> str:
 
 def _task_encoding(task: str, info: dict, enc: Encoding, mode: str) -> str:
     held = info["encodings"]
-    if mode == "symmetric":
+    if mode == "symmetric" and not enc.centered:
         if enc.name not in held:
             raise UnknownNameError(
                 f"MODE symmetric needs task {task!r} in {enc.name}; it holds: {', '.join(held)}")
@@ -207,8 +207,8 @@ def _task_encoding(task: str, info: dict, enc: Encoding, mode: str) -> str:
     for name in FLOAT_PREFERENCE:
         if name in held:
             return name
-    raise UnknownNameError(
-        f"MODE asymmetric needs task {task!r} in f32 or f16; it holds: {', '.join(held)}")
+    why = "a centered encoding" if enc.centered else "MODE asymmetric"
+    raise UnknownNameError(f"{why} needs task {task!r} in f32 or f16; it holds: {', '.join(held)}")
 
 
 def _task_plan(store, name: str, info: dict, encoding: str) -> TaskPlan:
