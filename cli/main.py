@@ -125,6 +125,59 @@ def _csv_list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def model_options(fn):
+    """--model, --dtype, --quant, --max-length, --chat-format: how examples meet the model."""
+    for option in reversed([
+        click.option("--model", default="smollm2-135m", show_default=True, help="HF folder, hub id or smollm2-135m."),
+        click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True),
+        click.option("--quant", type=click.Choice(["nf4", "int8"]), help="QLoRA base model via bitsandbytes."),
+        click.option("--max-length", default=2048, show_default=True, help="Truncate examples to this many tokens."),
+        click.option("--chat-format", type=click.Choice(["tulu", "template"]), default="tulu", show_default=True,
+                     help="Prompt format for pool and tasks alike: LESS's tulu text, or the tokenizer's chat template."),
+        click.option("--skip-invalid", is_flag=True, help="Skip bad lines (reported at the end) instead of stopping."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+@cli.command()
+@click.option("--data", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Training pool JSONL (repeatable).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for the epoch-N checkpoints (a re-run resumes).")
+@click.option("--percentage", default=0.05, show_default=True, help="Fraction of the pool to train on (LESS: 0.05).")
+@click.option("--epochs", default=4, show_default=True)
+@click.option("--lr", default=2e-5, show_default=True, help="Peak learning rate (linear decay, 3% warmup).")
+@click.option("--lora-r", default=128, show_default=True)
+@click.option("--lora-alpha", default=512.0, show_default=True)
+@click.option("--lora-dropout", default=0.1, show_default=True)
+@click.option("--grad-accum", default=32, show_default=True, help="Examples per optimizer step.")
+@click.option("--seed", default=0, show_default=True)
+@model_options
+@silent_option
+@handle_errors
+def warmup(data, out_dir, percentage, epochs, lr, lora_r, lora_alpha, lora_dropout, grad_accum, seed, model,
+           dtype, quant, max_length, chat_format, skip_invalid, silent):
+    """LESS step 1: train LoRA on a random fraction of the pool, one checkpoint per epoch.
+
+    Each checkpoint keeps its Adam state and the epoch's mean learning rate, which ingest
+    reads to weight it.
+
+    Example:
+
+        gradstore warmup --data pool.jsonl --out warmup --percentage 0.05 --epochs 4
+    """
+    from qless.warmup import warmup_files
+
+    report, infos = warmup_files(
+        data, out_dir, model, percentage=percentage, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
+        dtype=dtype, quant=quant, max_length=max_length, chat_format=chat_format, skip_invalid=skip_invalid,
+        seed=seed, epochs=epochs, lr=lr, grad_accum=grad_accum, progress=not silent)
+    note(report.summary(), silent)
+    for info in infos:
+        note(f"{out_dir}/{info['name']}: step {info['step']}, lr {info['lr']:.4g}", silent)
+
+
 @cli.command()
 @click.option("--data", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Training pool JSONL (repeatable); with --task NAME, the task's JSONL.")
@@ -135,18 +188,12 @@ def _csv_list(value: str | None) -> list[str] | None:
 @click.option("--checkpoint", "checkpoints", multiple=True, required=True,
               type=click.Path(exists=True, file_okay=False), help="LoRA checkpoint folder (repeatable).")
 @click.option("--lr", "lrs", help="Comma-separated learning rates, one per checkpoint (default: from qless_checkpoint.json).")
-@click.option("--model", default="smollm2-135m", show_default=True, help="HF folder, hub id or smollm2-135m.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
-@click.option("--quant", type=click.Choice(["nf4", "int8"]), help="QLoRA base model via bitsandbytes.")
+@model_options
 @click.option("--encodings", default="f16,absmax8,sign1", show_default=True, help="Comma-separated encodings to store.")
 @click.option("--dim", default=8192, show_default=True, help="Projection dimension.")
 @click.option("--projection", type=click.Choice(["sparse-rademacher", "dense-rademacher"]),
               default="sparse-rademacher", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Projection seed.")
-@click.option("--max-length", default=2048, show_default=True, help="Truncate examples to this many tokens.")
-@click.option("--chat-format", type=click.Choice(["tulu", "template"]), default="tulu", show_default=True,
-              help="Prompt format for pool and tasks alike: LESS's tulu text, or the tokenizer's chat template.")
-@click.option("--skip-invalid", is_flag=True, help="Skip bad lines (reported at the end) instead of stopping.")
 @click.option("--batch-size", default=32, show_default=True, help="Rows per store transaction.")
 @click.option("--shard", help="i/n: ingest the i-th of n contiguous shards (default: from torchrun/accelerate).")
 @store_option()
@@ -318,3 +365,23 @@ def check(fix, store_path, silent):
 def _problems(report) -> str:
     n = len(report.findings)
     return f"{n} problem{'' if n == 1 else 's'}"
+
+
+@cli.command()
+@click.option("--store", "store_path", default="gradstore-demo", show_default=True,
+              type=click.Path(file_okay=False), help="Where to leave the demo store.")
+@silent_option
+@handle_errors
+def demo(store_path, silent):
+    """Run the whole pipeline on the embedded SmolLM2-135M and a small multi-skill pool.
+
+    Warmup, ingest at f16/absmax8/sign1, then a top-5% selection per task with how strongly
+    the matching skill is enriched and how well the quantized selections agree with f16.
+
+    Example:
+
+        gradstore demo --store ./gradstore-demo
+    """
+    from qless.demo import run_demo
+
+    run_demo(store_path, echo=click.echo, progress=not silent)

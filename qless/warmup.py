@@ -485,3 +485,22 @@ def warmup(
         optimizer.zero_grad(set_to_none=True)
         model.eval()
     return infos
+
+
+def warmup_files(data: Sequence[str], out_dir: str | os.PathLike, model_name: str = "smollm2-135m",
+                 percentage: float = 0.05, r: int = 128, alpha: float = 512, dropout: float = 0.1,
+                 dtype: str = "bf16", quant: str | None = None, max_length: int = 2048,
+                 chat_format: str = "tulu", skip_invalid: bool = False, seed: int = 0, **options):
+    """LESS step 1 from files: read the pool, sample `percentage` of it, train, checkpoint.
+
+    Returns the data read report and the finished checkpoints' infos.
+    """
+    from .data import read_pool, sample_fraction
+    from .model import attach_lora, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_name)
+    examples, report = read_pool(data, tokenizer, max_length=max_length, skip_invalid=skip_invalid,
+                                 chat_format=chat_format)
+    model = attach_lora(load_model(model_name, dtype=dtype, quant=quant), r=r, alpha=alpha,
+                        dropout=dropout, seed=seed)
+    return report, warmup(model, sample_fraction(examples, percentage, seed), out_dir, seed=seed, **options)
