@@ -24,27 +24,37 @@ import lmdb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (STORES_DIR, Shape, build_stores, disk_usage, machine, print_machine,  # noqa: E402
-                    print_table, remove_store, write_json)
+from common import (
+    STORES_DIR,
+    Shape,
+    build_stores,
+    disk_usage,
+    machine,
+    print_machine,
+    print_table,
+    remove_store,
+    write_json,
+)
 
 ENCODINGS = ("absmax8", "absmax4", "absmax2", "sign1", "f16")
 BITS = {"f16": 16, "absmax8": 8, "absmax4": 4, "absmax2": 2, "sign1": 1}
 # QLESS (Ananta et al. 2025), the datastore for LESS's 270,679 x 8192 x 4 pool. Quoted: the
 # 16-bit LESS store and the 1-bit store. Their "GB" match GiB of the raw packed bits.
 PAPER_GB = {"f16": 16.54, "sign1": 1.03}
-DBS = ("meta", "checkpoints", "sets", "rows", "ids", "blocks")
 
 
 def page_stats(path) -> dict:
     """Pages per named database and the free pages (last page + 1 minus pages in use)."""
-    env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=len(DBS), subdir=True)
+    env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=32, subdir=True)
     try:
         info, main = env.info(), env.stat()
         psize = main["psize"]
         out = {"psize": psize, "last_pgno": info["last_pgno"], "dbs": {}}
         used = 2 + main["branch_pages"] + main["leaf_pages"] + main["overflow_pages"]  # 2 meta pages
         with env.begin() as txn:
-            for name in DBS:
+            names = [bytes(k).decode() for k, _ in txn.cursor()]  # named dbs: keys of the main db
+        with env.begin() as txn:
+            for name in names:
                 st = txn.stat(env.open_db(name.encode(), txn=txn, create=False))
                 pages = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
                 used += pages
@@ -78,23 +88,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--rows", type=int, default=None, help="train rows (default 270,679)")
     ap.add_argument("--encodings", default=",".join(ENCODINGS))
     ap.add_argument("--keep", action="store_true", help="do not delete the stores")
+    ap.add_argument("--batch", type=int, default=4096,
+                    help="rows per write transaction (not a multiple of the block rows: "
+                         "every write rewrites the last partial block)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--store-dir", type=Path, default=STORES_DIR)
     args = ap.parse_args(argv)
     n = args.rows or (20_000 if args.quick else 270_679)
-    shape = Shape(n_train=n, seed=args.seed)
+    shape = Shape(n_train=n, seed=args.seed, batch=args.batch)
     encs = [e for e in args.encodings.split(",") if e]
     info = machine()
     print_machine(info)
     print(f"shape: {n:,} rows x {shape.dim} dims x {len(shape.lrs)} ckpts, batches of "
           f"{shape.batch}; row metadata as the real ingest writes it", flush=True)
     groups = [[e for e in encs if e != "f16"], [e for e in encs if e == "f16"]]
-    results = {"machine": info, "quick": args.quick, "rows": n, "dim": shape.dim,
+    results = {"machine": info, "quick": args.quick, "rows": n, "dim": shape.dim, "batch": shape.batch,
                "ckpts": len(shape.lrs), "stores": {}}
     for group in groups:
         if not group:
             continue
-        paths = {e: args.store_dir / f"memory-{n}-{e}" for e in group}
+        paths = {e: args.store_dir / f"memory-{n}-{shape.batch}-{e}" for e in group}
         print(f"building {', '.join(group)} in one pass ...", flush=True)
         t0 = time.perf_counter()
         rep = build_stores([(str(paths[e]), (e,)) for e in group], shape, with_task=False)
@@ -126,7 +139,8 @@ def main(argv=None) -> dict:
          "blocks/raw", "row meta MiB", "free MiB", "QLESS GB", "write s"], rows,
         title=f"\nStore size: {n:,} rows x {shape.dim} x {len(shape.lrs)} ckpts "
               "(raw = rows x dims x ckpts x bits / 8; target du/raw <= 1.03)")
-    write_json("memory_quick" if args.quick else "memory", results)
+    name = "memory_quick" if args.quick else "memory"
+    write_json(name if args.batch == 4096 else f"{name}_batch{args.batch}", results)
     return results
 
 

@@ -253,7 +253,7 @@ class Generator:
         self.shape = shape
         d = shape.dim
         rng = np.random.default_rng([shape.seed, 12345])
-        unit = lambda v: (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
+        unit = lambda v: (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
         common = rng.standard_normal(d)
         # The dominant direction turns a little between epochs, as a model's gradients do.
         self.bases = [unit(common + 0.35 * rng.standard_normal(d)) for _ in shape.lrs]
