@@ -27,6 +27,7 @@ import os
 import shutil
 import struct
 import tempfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -45,13 +46,16 @@ from .errors import (
 from .store import (
     _block_key,
     _dumps,
+    ROW_CHUNK,
+    _chunk_key,
     _enc_key,
-    _row_key,
     _u32,
     alternate_key,
     create,
     decode_block,
+    decode_rows,
     encode_block,
+    encode_rows,
     parse_block_key,
 )
 from .store import open as open_store
@@ -561,42 +565,31 @@ def check(store, fix: bool = False, progress: Callable | None = None) -> CheckRe
 
 def _check_set(txn, dbs, name, rec, ckpt_names, report, bar) -> dict:
     set_id, n_rows = rec["id"], rec["n_rows"]
-    ids = []
-    cur = txn.cursor(db=dbs["rows"])
-    if cur.set_range(_row_key(set_id, 0)):
-        for k, v in cur:
-            k = bytes(k)
-            if k[:4] != _u32(set_id):
-                break
-            row = struct.unpack(">Q", k[4:])[0]
-            if row != len(ids) or row >= n_rows:
-                break
-            try:
-                ids.append(json.loads(bytes(v))["id"])
-            except (ValueError, KeyError, TypeError):
-                report.findings.append(Finding(f"set {name!r} row {row}", "metadata is not a JSON record"))
-                break
+    ids: list[str] = []
+    for chunk in range(-(-n_rows // ROW_CHUNK)):
+        raw = txn.get(_chunk_key(set_id, chunk), db=dbs["rows"])
+        try:
+            records = decode_rows(raw) if raw is not None else []
+            chunk_ids = [r["id"] for r in records]
+        except (ValueError, KeyError, TypeError, zlib.error):
+            chunk_ids = []
+        expected = min(ROW_CHUNK, n_rows - chunk * ROW_CHUNK)
+        if len(chunk_ids) != expected:
+            break
+        ids.extend(chunk_ids)
     valid_rows = len(ids)
     if valid_rows < n_rows:
-        report.findings.append(Finding(f"set {name!r}", f"row {valid_rows} is missing or bad;"
+        report.findings.append(Finding(f"set {name!r} rows {valid_rows}..{n_rows - 1}",
+                                       f"metadata chunk {valid_rows // ROW_CHUNK} is missing or bad;"
                                        f" the set has {n_rows} rows"))
-    index_ok = True
-    seen = 0
-    cur = txn.cursor(db=dbs["ids"])
-    if cur.set_range(_u32(set_id)):
-        for k, v in cur:
-            k = bytes(k)
-            if k[:4] != _u32(set_id):
-                break
-            row_id, row = k[4:].decode(errors="replace"), struct.unpack(">Q", bytes(v))[0]
-            seen += 1
-            if row >= valid_rows or ids[row] != row_id:
-                index_ok = False
-                report.findings.append(Finding(f"set {name!r} id {row_id!r}",
-                                               f"ids index points at row {row}, which does not hold it"))
-    if seen != valid_rows and index_ok:
-        index_ok = False
-        report.findings.append(Finding(f"set {name!r}", f"ids index has {seen} entries for {valid_rows} rows"))
+    first_seen: dict[str, int] = {}
+    for row, row_id in enumerate(ids):
+        if row_id in first_seen:  # the id holds only at its first row: the rest are not trusted
+            report.findings.append(Finding(f"set {name!r} row {row}",
+                                           f"id {row_id!r} repeats row {first_seen[row_id]}"))
+            valid_rows = row
+            break
+        first_seen[row_id] = row
     good: dict[str, int] = {}
     trims: list[tuple[str, str, int]] = []  # (checkpoint, encoding, block) holding too many rows
     for c, w in rec["written"].items():
@@ -636,7 +629,7 @@ def _check_set(txn, dbs, name, rec, ckpt_names, report, bar) -> dict:
                     limit = min(limit, b * br)
                     break
         good[c] = limit
-    return {"valid_rows": valid_rows, "index_ok": index_ok, "good": good, "trims": trims, "ids": ids}
+    return {"valid_rows": valid_rows, "good": good, "trims": trims}
 
 
 def _check_orphans(txn, dbs, recs, plans, ckpt_names, report) -> list:
@@ -663,12 +656,11 @@ def _check_orphans(txn, dbs, recs, plans, ckpt_names, report) -> list:
             f"set {name} checkpoint {ckpt} encoding {key} blocks {min(blocks)}..{max(blocks)}",
             f"{len(keys)} orphan blocks that no record points at"))
         orphans.extend(keys)
-    for db in ("rows", "ids"):
-        stray = [bytes(k) for k in txn.cursor(db=dbs[db]).iternext(values=False)
-                 if struct.unpack(">I", bytes(k)[:4])[0] not in by_id]
-        if stray:
-            report.findings.append(Finding(f"{db} index", f"{len(stray)} entries of no set"))
-            orphans.extend((db, k) for k in stray)
+    stray = [bytes(k) for k in txn.cursor(db=dbs["rows"]).iternext(values=False)
+             if struct.unpack(">I", bytes(k)[:4])[0] not in by_id]
+    if stray:
+        report.findings.append(Finding("rows", f"{len(stray)} metadata chunks of no set"))
+        orphans.extend(("rows", k) for k in stray)
     return orphans
 
 
@@ -684,17 +676,14 @@ def _fix(txn, dbs, recs, plans, orphans, ckpt_names, report) -> None:
         set_id, valid = rec["id"], p["valid_rows"]
         rec = json.loads(json.dumps(rec))  # a retry must start from the original record
         if valid < rec["n_rows"]:
-            for row in range(valid, rec["n_rows"]):
-                txn.delete(_row_key(set_id, row), db=dbs["rows"])
+            chunk, at = divmod(valid, ROW_CHUNK)
+            for c in range(chunk + (1 if at else 0), -(-rec["n_rows"] // ROW_CHUNK)):
+                txn.delete(_chunk_key(set_id, c), db=dbs["rows"])
+            if at:  # the chunk at the new end keeps its first rows (verified good)
+                kept = decode_rows(txn.get(_chunk_key(set_id, chunk), db=dbs["rows"]))[:at]
+                txn.put(_chunk_key(set_id, chunk), encode_rows(kept), db=dbs["rows"])
             report.dropped.append(f"set {name!r}: rows {valid}..{rec['n_rows'] - 1} dropped (metadata lost)")
             rec["n_rows"] = valid
-        if not p["index_ok"] or valid < len(p["ids"]):
-            cur = txn.cursor(db=dbs["ids"])
-            while cur.set_range(_u32(set_id)) and bytes(cur.key())[:4] == _u32(set_id):
-                cur.delete()
-            for row, row_id in enumerate(p["ids"][:valid]):
-                txn.put(_u32(set_id) + row_id.encode(), struct.pack(">Q", row), db=dbs["ids"])
-            report.dropped.append(f"set {name!r}: ids index rebuilt from the rows")
         trims = {(c, e) for c, e, _ in p["trims"]}
         for c, w in list(rec["written"].items()):
             new = p["good"][c]

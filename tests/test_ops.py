@@ -15,7 +15,7 @@ from gradstore.errors import (
     SchemaMismatchError,
     StoreExistsError,
 )
-from gradstore.store import _block_key
+from gradstore.store import _block_key, _chunk_key, decode_rows, encode_rows
 
 DIM = 70  # not a multiple of 8: rows carry padding
 PROJ = {"kind": "sparse-rademacher", "seed": 0}
@@ -254,7 +254,7 @@ def _raw_env(path, fn):
     env = lmdb.open(str(path), max_dbs=8, subdir=True)
     try:
         with env.begin(write=True) as txn:
-            fn(txn, env.open_db(b"blocks", txn=txn), env.open_db(b"ids", txn=txn))
+            fn(txn, env.open_db(b"blocks", txn=txn), env.open_db(b"rows", txn=txn))
     finally:
         env.close()
 
@@ -294,29 +294,34 @@ def test_check_finds_a_flipped_byte_on_disk_and_fix_keeps_the_good_prefix(tmp_pa
         np.testing.assert_array_equal(st.vectors("train", "e1", "f32"), good)
 
 
-def test_check_truncated_and_missing_blocks_and_ids(tmp_path):
+def test_check_truncated_and_missing_blocks_and_repeated_ids(tmp_path):
     path = make(tmp_path / "s")
     with gradstore.open(path) as st:
         rec = st.set_info("train")
 
-    def mayhem(txn, blocks, ids_db):
+    def mayhem(txn, blocks, rows_db):
         key = _block_key(rec["id"], 1, "f32", 5)
         txn.put(key, txn.get(key, db=blocks)[:-7], db=blocks)  # a truncated block value
         txn.delete(_block_key(rec["id"], 0, "absmax8", 9), db=blocks)
-        txn.delete(b"\0\0\0\0z3", db=ids_db)
+        chunk = _chunk_key(rec["id"], 0)
+        records = decode_rows(txn.get(chunk, db=rows_db))
+        records[17]["id"] = records[3]["id"]  # metadata that contradicts itself
+        txn.put(chunk, encode_rows(records), db=rows_db)
 
     _raw_env(path, mayhem)
     with gradstore.open(path) as st:
         findings = [str(f) for f in ops.check(st).findings]
     assert findings == [
-        "set 'train': ids index has 19 entries for 20 rows",
+        "set 'train' row 17: id 'z3' repeats row 3",
+        "set 'train' checkpoint 'e1': written says 20 rows, the set holds 17",
         "set 'train' checkpoint 'e1' encoding absmax8 block 9: missing",
+        "set 'train' checkpoint 'e2': written says 20 rows, the set holds 17",
         "set 'train' checkpoint 'e2' encoding f32 block 5: block framing is wrong (size 293, expected 300)",
     ]
     with gradstore.open(path, readonly=False) as st:
         report = ops.check(st, fix=True)
         assert report.dropped == [
-            "set 'train': ids index rebuilt from the rows",
+            "set 'train': rows 17..19 dropped (metadata lost)",
             "set 'train' checkpoint 'e1': rows 9..19 dropped (11 rows; a resumed ingest recomputes them)",
             "set 'train' checkpoint 'e2': rows 5..19 dropped (15 rows; a resumed ingest recomputes them)",
         ]
