@@ -43,13 +43,13 @@ from .errors import (
     StoreExistsError,
     UnknownNameError,
 )
+from .query.planner import selection_size
 from .store import (
-    _block_key,
-    _dumps,
     ROW_CHUNK,
+    _block_key,
     _chunk_key,
+    _dumps,
     _enc_key,
-    _u32,
     alternate_key,
     create,
     decode_block,
@@ -441,18 +441,18 @@ def spearman(a, b) -> float:
 
 
 def parse_k(k, n: int) -> int:
-    """A count ("100") or a percentage ("5%", floored, at least 1 of a non-empty pool) of n rows."""
+    """A count ("100") or a percentage ("5%") of n rows, sized as `TOP` sizes it."""
     text = str(k).strip()
     try:
         if text.endswith("%"):
             p = float(text[:-1])
             if not 0 < p <= 100:
                 raise ValueError
-            return min(n, max(1, math.floor(n * p / 100))) if n else 0
+            return selection_size(n, percent=p)
         count = int(text)
         if count < 1:
             raise ValueError
-        return min(count, n)
+        return selection_size(n, count=count)
     except ValueError:
         raise ValueError(f"k must be a count or a percentage such as 5%, got {k!r}") from None
 

@@ -163,13 +163,20 @@ def _checkpoint_name(name: str, all_ckpts: list[str]) -> str:
     raise UnknownNameError(f"unknown checkpoint {name!r}; the store has: {', '.join(all_ckpts)}")
 
 
+def selection_size(n_rows: int, count: int | None = None, percent: float | None = None) -> int:
+    """How many rows `TOP count` or `TOP percent%` keeps of n_rows.
+
+    As LESS: the floor of the fraction, but never an empty selection of a non-empty pool.
+    """
+    if count is not None:
+        return min(count, n_rows)
+    return min(n_rows, max(1, math.floor(n_rows * percent / 100))) if n_rows else 0
+
+
 def _k(query: Query, n_rows: int) -> int | None:
-    if query.top_k is not None:
-        return min(query.top_k, n_rows)
-    if query.top_percent is not None:
-        # As LESS: floor of the fraction, but never an empty selection of a non-empty pool.
-        return min(n_rows, max(1, math.floor(n_rows * query.top_percent / 100))) if n_rows else 0
-    return None
+    if query.top_k is None and query.top_percent is None:
+        return None  # SCORE
+    return selection_size(n_rows, query.top_k, query.top_percent)
 
 
 def _weights(store, ckpts: list[str], weight: str) -> tuple[float, ...]:
