@@ -132,7 +132,7 @@ def reference_scores(store, enc: str, task_enc: str, weights, limit: int | None,
                 x = _levels(np.asarray(blk.payload[i0:i0 + block_rows]), enc, dim)
                 dots = (x @ v).astype(np.float64)
                 if not sign:
-                    norm = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+                    norm = np.linalg.norm(x, axis=1).astype(np.float64)
                     dots /= np.where(norm > 0, norm, 1.0)[:, None]
                 if not collapse:
                     dots = np.add.reduceat(dots, starts[:-1], axis=1)
@@ -151,8 +151,8 @@ def compare_top(result, ref_scores: np.ndarray) -> dict:
     """Overlap of gradstore's top k with the reference's, and the ties at the boundary."""
     k = len(result.rows)
     ref_top = top_rows(ref_scores, k)
-    ours = set(int(r) for r in result.rows)
-    overlap = len(ours & set(int(r) for r in ref_top))
+    ours = {int(r) for r in result.rows}
+    overlap = len(ours & {int(r) for r in ref_top})
     kth = ref_scores[ref_top[-1]]
     out = {"k": k, "overlap": overlap, "overlap_frac": overlap / k if k else 1.0,
            "identical_order": bool(np.array_equal(result.rows, ref_top)),
@@ -161,7 +161,7 @@ def compare_top(result, ref_scores: np.ndarray) -> dict:
            "ref_rows_tied_at_kth_score": int(np.sum(ref_scores == kth))}
     if overlap < k:
         # Rows that differ: are they all within float rounding of the k-th score?
-        diff = np.array(sorted(ours ^ set(int(r) for r in ref_top)))
+        diff = np.array(sorted(ours ^ {int(r) for r in ref_top}))
         out["differing_rows_max_dist_from_kth"] = float(np.max(np.abs(ref_scores[diff] - kth)))
     return out
 
@@ -333,7 +333,7 @@ def bench_bitsliced(store, ckpts, rows: int = 16384) -> dict:
     ref = kernels.sign_subtask_means(a, vals, starts, dim)
     got = _bitsliced_kernel(words, *prep, dim)
     out = {"rows": len(a), "equal": bool(np.allclose(ref, got, rtol=0, atol=1e-6)),
-           "planes": int(prep[0].shape[0]), "xor_passes": int(len(vals))}
+           "planes": int(prep[0].shape[0]), "xor_passes": len(vals)}
     for name, fn in (("engine_sign_subtask_means", lambda: kernels.sign_subtask_means(a, vals, starts, dim)),
                      ("bitsliced_prototype", lambda: _bitsliced_kernel(words, *prep, dim))):
         best = math.inf
@@ -453,9 +453,9 @@ def main(argv=None) -> dict:
         print(f"  check absmax8: {results['check_absmax8']}", flush=True)
     if len(s_b) == n:  # how much of the f16 top 5% each encoding keeps
         k = len(next(iter(results_by.values())).rows)
-        f16_top = set(int(r) for r in top_rows(s_b, k))
+        f16_top = {int(r) for r in top_rows(s_b, k)}
         results["overlap_with_f16_top"] = {
-            label: len(f16_top & set(int(r) for r in res.rows)) / k for label, res in results_by.items()}
+            label: len(f16_top & {int(r) for r in res.rows}) / k for label, res in results_by.items()}
     results["references"] = refs
     if f16_path is not None:
         f16_store.close()
