@@ -74,7 +74,8 @@ def measure(path, enc: str, shape: Shape, n: int, build_s: float) -> dict:
     raw = n * shape.dim * len(shape.lrs) * BITS[enc] // 8
     pages = page_stats(path)
     blocks = pages["dbs"]["blocks"]["bytes"]
-    meta = pages["dbs"]["rows"]["bytes"] + pages["dbs"]["ids"]["bytes"]
+    # row metadata: the rows db (and the ids db of stores that have one)
+    meta = sum(pages["dbs"][d]["bytes"] for d in ("rows", "ids") if d in pages["dbs"])
     return {"encoding": enc, "bits": BITS[enc], "rows": n, **du, "raw_bytes": raw,
             "ratio_du": du["du_bytes"] / raw, "ratio_apparent": du["apparent_bytes"] / raw,
             "blocks_bytes": blocks, "ratio_blocks": blocks / raw,
@@ -139,7 +140,7 @@ def main(argv=None) -> dict:
          "blocks/raw", "row meta MiB", "free MiB", "QLESS GB", "write s"], rows,
         title=f"\nStore size: {n:,} rows x {shape.dim} x {len(shape.lrs)} ckpts "
               "(raw = rows x dims x ckpts x bits / 8; target du/raw <= 1.03)")
-    name = "memory_quick" if args.quick else "memory"
+    name = "memory_quick" if args.quick else "memory" if n == 270_679 else f"memory_{n}"
     write_json(name if args.batch == 4096 else f"{name}_batch{args.batch}", results)
     return results
 

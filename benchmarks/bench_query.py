@@ -512,7 +512,7 @@ def main(argv=None) -> dict:
               f"{fb['cpu_s_all_rows'] / t_sign['warm_cpu_s']:.1f}x CPU")
     results["loadavg_at_end"] = list(__import__("os").getloadavg())
     store.close()
-    write_json("query_quick" if quick else "query", results)
+    write_json("query_quick" if quick else "query" if n == 270_679 else f"query_{n}", results)
     return results
 
 
