@@ -385,3 +385,28 @@ def demo(store_path, silent):
     from qless.demo import run_demo
 
     run_demo(store_path, echo=click.echo, progress=not silent)
+
+
+@cli.command()
+@click.option("--task", "-t", "tasks", multiple=True, required=True, help="Target task set (repeatable).")
+@click.option("--encodings", default="f16,absmax8,sign1", show_default=True,
+              help="Encodings to compare; the selection shown is the first one's.")
+@click.option("--k", default="5%", show_default=True, help="Selection size: a count or a percentage.")
+@click.option("--set", "set_name", help="Training set (default: the store's only one).")
+@click.option("--by", "field", default="category", show_default=True, help="Row metadata field to break the selection down by.")
+@click.option("-o", "--out", "out_path", default="gradstore-plot.png", show_default=True, type=click.Path(dir_okay=False))
+@store_option()
+@silent_option
+@handle_errors
+def plot(tasks, encodings, k, set_name, field, out_path, store_path, silent):
+    """Plot score distributions per encoding and the selection's composition (PNG).
+
+    Example:
+
+        gradstore plot --task mmlu --encodings f16,absmax8,sign1 --by source -o mmlu.png
+    """
+    from gradstore.plot import plot_selection
+
+    with gradstore.open(store_path) as store:
+        plot_selection(store, out_path, tasks, _csv_list(encodings), k=k, set_name=set_name, field=field)
+    note(f"wrote {out_path}", silent)

@@ -100,3 +100,18 @@ def test_info(store_path):
     assert summary["sets"]["mmlu"]["subtasks"] == 3 and summary["sets"]["train"]["rows"] == 40
     sign1 = summary["sets"]["train"]["encodings"]["sign1"]
     assert 40 * 8 <= sign1 <= 40 * 8 + 40 * 8 + 64  # packed bits + scale/norm + header
+
+
+def test_plot_writes_a_png_with_the_selection_shares(store_path, tmp_path):
+    out = tmp_path / "p.png"
+    result = run("plot", "--store", store_path, "-t", "mmlu", "--k", "10", "--by", "source", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from gradstore.plot import plot_selection
+
+    with gradstore.open(store_path) as st:
+        numbers = plot_selection(st, tmp_path / "q.png", ["mmlu"], ["f16", "sign1"], k="10", field="source")
+        top = st.query("TOP 10 FROM train BY mmlu ENCODING f16")
+    assert numbers["pool_share"] == {"dolly": 0.5, "flan": 0.5}
+    dolly = sum(r["source"] == "dolly" for r in top.records) / 10
+    assert numbers["selection_share"]["dolly"] == pytest.approx(dolly)
