@@ -119,6 +119,10 @@ def info(store_path, fmt):
     emit([{"checkpoint": c["name"], "lr": c["lr"], "step": c["step"], "epoch": c["epoch"]}
           for c in summary["checkpoints"]], fmt)
     emit(rows, fmt)
+    centroids = [{"set": name, "checkpoint": c, "centroid_norm": norm}
+                 for name, st in summary["sets"].items() for c, norm in st["centroid_norms"].items()]
+    if centroids:
+        emit(centroids, fmt)
 
 
 def _csv_list(value: str | None) -> list[str] | None:
@@ -269,14 +273,17 @@ def merge(sources, out, fmt, silent):
 @click.option("--from", "source", help="Encoding to derive from (default: the best float the set holds).")
 @click.option("--allow-lossy", is_flag=True, help="Allow deriving from a quantized encoding.")
 @click.option("--replace", is_flag=True, help="Rebuild encodings the set already holds.")
+@click.option("--recenter", is_flag=True,
+              help="Recompute the centroid from the whole set and re-derive every centered encoding.")
 @store_option()
 @output_options
 @silent_option
 @handle_errors
-def requantize(set_name, to, source, allow_lossy, replace, store_path, fmt, silent):
+def requantize(set_name, to, source, allow_lossy, replace, recenter, store_path, fmt, silent):
     """Derive lower encodings from the master copy, without the model.
 
     A `-global` encoding takes one scale per set and checkpoint (QLESS); `info` shows it.
+    A `-centered` one subtracts the set's centroid (the whole set's mean if it has none yet).
     New encodings appear at once when done: a killed run leaves the store as it was.
 
     Example:
@@ -284,12 +291,14 @@ def requantize(set_name, to, source, allow_lossy, replace, store_path, fmt, sile
         gradstore requantize --to absmax4,sign1 --from f16
 
         gradstore requantize --set train --to absmax8-global --replace
+
+        gradstore requantize --set train --to sign1-centered --recenter
     """
     from gradstore import ops
 
     with gradstore.open(store_path, readonly=False) as store:
         done = ops.requantize(store, set_name, to=_csv_list(to), source=source, allow_lossy=allow_lossy,
-                              replace=replace, progress=_progress(silent))
+                              replace=replace, recenter=recenter, progress=_progress(silent))
     note(f"derived {len(done)} encodings", silent)
     emit([{"set": d["set"], "encoding": d["encoding"], "from": d["from"],
            "rows": sum(d["rows"].values()), "replaced": d["replaced"], "scales": d["scales"]}

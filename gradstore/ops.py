@@ -262,7 +262,9 @@ def requantize(store, set_name: str | None = None, to: Sequence[str] = (), sourc
     `source` defaults to the best float the set holds (f32, else f16); a quantized source is
     refused unless `allow_lossy`. ``-global`` targets take one scale per (set, checkpoint)
     from `quant.set_scale` over the whole set (a first pass over the rows), kept in the set
-    record. Blocks are staged, then one transaction per set shows the new encodings, so a
+    record. ``-centered`` targets subtract the (set, checkpoint)'s centroid; where it has none,
+    or with `recenter`, the centroid becomes the master's mean over the whole set (a first
+    pass), and `recenter` re-derives every centered encoding the set holds with it. Blocks are staged, then one transaction per set shows the new encodings, so a
     killed run leaves the store as it was (a re-run overwrites its staged blocks). An
     encoding the set holds is rebuilt only with `replace`. Returns one dict per (set, encoding).
     """
@@ -271,19 +273,27 @@ def requantize(store, set_name: str | None = None, to: Sequence[str] = (), sourc
     targets = [parse_encoding(t) for t in to]
     if not targets:
         raise ValueError("requantize needs at least one target encoding")
-    if recenter or any(t.centered for t in targets):
-        raise SchemaMismatchError("centered encodings are not supported yet: queries cannot score them")
+    for t in targets:
+        if t.centered and t.global_scale:
+            raise SchemaMismatchError(f"{t.name}: centered encodings take per-row scales only")
     names = [set_name] if set_name is not None else store.sets()
-    jobs = [_requantize_job(store, s, targets, source, allow_lossy, replace) for s in names]
+    jobs = [_requantize_job(store, s, targets, source, allow_lossy, replace, recenter) for s in names]
     report = []
     for job in jobs:
-        report.extend(_requantize_set(store, job, batch_rows, progress))
+        report.extend(_requantize_set(store, job, batch_rows, progress, recenter))
     return report
 
 
-def _requantize_job(store, set_name, targets, source, allow_lossy, replace) -> dict:
+def _requantize_job(store, set_name, targets, source, allow_lossy, replace, recenter=False) -> dict:
     rec = store.set_info(set_name)
     held = list(rec["encodings"])
+    if recenter:
+        missing = [e for e in held if parse_encoding(e).centered and e not in {t.name for t in targets}]
+        if missing or not any(t.centered for t in targets):
+            raise SchemaMismatchError(
+                f"set {set_name!r}: recentering re-derives every centered encoding; derive"
+                f" {', '.join(missing) or 'at least one centered encoding'} too")
+        replace = True
     if source is not None:
         src = parse_encoding(source).name
         if src not in held:
@@ -313,7 +323,7 @@ def _requantize_job(store, set_name, targets, source, allow_lossy, replace) -> d
     return {"set": set_name, "rec": rec, "source": src, "targets": targets}
 
 
-def _requantize_set(store, job, batch_rows, progress) -> list[dict]:
+def _requantize_set(store, job, batch_rows, progress, recenter=False) -> list[dict]:
     name, rec, src, targets = job["set"], job["rec"], job["source"], job["targets"]
     written = rec["written"]
     ckpt_index = {c: i for i, c in enumerate(store.checkpoint_names())}
@@ -331,13 +341,26 @@ def _requantize_set(store, job, batch_rows, progress) -> list[dict]:
         for t in targets:  # leftovers of a killed run under the staging key
             store.clear_blocks(rec["id"], ckpt_index[c], keys[t.name])
     globals_ = [t for t in targets if t.global_scale]
-    total = sum(written.values()) * (2 if globals_ else 1)
+    centered = any(t.centered for t in targets)
+    new_centroids = {c: None for c in written
+                     if centered and (recenter or store.centroid(name, c) is None)}
+    total = sum(written.values()) * (2 if globals_ or new_centroids else 1)
     bar = _bar(progress, total, f"requantize {name}")
     scales: dict[str, dict] = {t.name: {} for t in globals_}
     try:
         for c, n in written.items():
             for t in globals_:
                 scales[t.name][c] = None
+            if c in new_centroids:
+                total_sum = np.zeros(store.dim, np.float64)
+                for x in _master_batches(store, name, c, src, n, batch_rows):
+                    total_sum += x.sum(axis=0, dtype=np.float64)
+                    if not globals_:
+                        bar.update(len(x))
+                new_centroids[c] = (total_sum / max(n, 1)).astype(np.float32)
+            center = new_centroids.get(c)
+            if centered and center is None:
+                center = store.centroid(name, c)
             if globals_:
                 stats: dict[str, list] = {}
                 for x in _master_batches(store, name, c, src, n, batch_rows):
@@ -357,7 +380,10 @@ def _requantize_set(store, job, batch_rows, progress) -> list[dict]:
             done = {t.name: 0 for t in targets}
             for x in _master_batches(store, name, c, src, n, batch_rows):
                 for t in targets:
-                    rows = quant.quantize(x, t, global_scale=scales[t.name][c] if t.global_scale else None)
+                    if t.centered:
+                        rows = quant.quantize_centered(x, center, t)
+                    else:
+                        rows = quant.quantize(x, t, global_scale=scales[t.name][c] if t.global_scale else None)
                     pending[t.name].append(rows)
                     done[t.name] = _flush(store, name, c, t.name, keys[t.name], layouts[t.name],
                                           pending[t.name], done[t.name], last=False)
@@ -367,7 +393,8 @@ def _requantize_set(store, job, batch_rows, progress) -> list[dict]:
                        done[t.name], last=True)
     finally:
         bar.close()
-    replaced = store.commit_encodings(name, layouts, {k: v for k, v in scales.items()}, written)
+    replaced = store.commit_encodings(name, layouts, {k: v for k, v in scales.items()}, written,
+                                      centroids={c: v for c, v in new_centroids.items() if v is not None})
     for t_name, old_key in replaced.items():
         if old_key != keys[t_name]:
             for c in written:

@@ -703,10 +703,16 @@ class Store:
                                     break
                                 total += len(bv)
                     sizes[enc] = total
+                centroids = {}
+                for ci, c in enumerate(ckpts):
+                    raw = txn.get(struct.pack(">II", rec["id"], ci), db=self._dbs["centroids"])
+                    if raw is not None:
+                        centroids[c["name"]] = float(np.linalg.norm(np.frombuffer(raw, "<f4")))
                 sets.append((rec["id"], bytes(k).decode(), {
                     "kind": rec["kind"], "rows": rec["n_rows"], "subtasks": len(rec["subtasks"]),
                     "written": rec["written"], "encodings": sizes,
                     "scales": rec.get("scales", {}),
+                    "centroid_norms": centroids,  # |c| per checkpoint, for centered encodings
                 }))
         return {
             "path": self.path,
@@ -842,8 +848,10 @@ class Store:
             if n < batch:
                 return total
 
-    def commit_encodings(self, set_name: str, layouts: dict, scales: dict, written: dict) -> dict:
-        """Show staged encodings in one transaction: set their layouts (with block key) and scales.
+    def commit_encodings(self, set_name: str, layouts: dict, scales: dict, written: dict,
+                         centroids: dict | None = None) -> dict:
+        """Show staged encodings in one transaction: set their layouts (with block key) and scales,
+        and the centroids ({checkpoint: vector}) the staged centered encodings subtract.
 
         Refused if the set's `written` counts are no longer `written` (rows arrived meanwhile).
         Returns {encoding: block key it replaced} for the caller to clear.
@@ -853,6 +861,9 @@ class Store:
             if rec["written"] != written:
                 raise SchemaMismatchError(
                     f"set {set_name!r} changed while its encodings were derived; run again")
+            for checkpoint, center in (centroids or {}).items():
+                key = struct.pack(">II", rec["id"], self._checkpoint_index(txn, checkpoint))
+                txn.put(key, np.ascontiguousarray(center, "<f4").tobytes(), db=self._dbs["centroids"])
             old = {}
             for name, layout in layouts.items():
                 if name in rec["encodings"]:

@@ -327,3 +327,36 @@ def test_check_truncated_and_missing_blocks_and_repeated_ids(tmp_path):
         ]
         assert ops.check(st).ok
         assert st.written_ids("train", "e2") == set(ids(0, 5))
+
+
+def test_requantize_to_centered_uses_the_whole_set_mean_and_recenter_rebuilds(tmp_path):
+    path = make(tmp_path / "s", encodings=("f32", "sign1"))
+    with gradstore.open(path, readonly=False) as st:
+        ops.requantize(st, "train", to=["sign1-centered", "absmax4-centered"])
+        master = st.vectors("train", "e1", "f32")
+        center = st.centroid("train", "e1")
+        np.testing.assert_allclose(center, master.mean(axis=0), rtol=1e-5, atol=1e-6)
+        direct = quant.quantize_centered(master, center, "sign1-centered")
+        stored = st.read("train", "e1", "sign1-centered")
+        np.testing.assert_array_equal(stored.payload, direct.payload)
+        np.testing.assert_allclose(stored.extra, direct.extra, rtol=1e-6)
+        # a later centered target reuses the frozen centroid
+        ops.requantize(st, "train", to=["absmax2-centered"])
+        np.testing.assert_array_equal(st.centroid("train", "e1"), center)
+        with pytest.raises(SchemaMismatchError, match="derive absmax2-centered, absmax4-centered too"):
+            ops.requantize(st, "train", to=["sign1-centered"], recenter=True)
+        # queries score the derived encodings
+        assert len(st.query("TOP 3 FROM train BY mmlu ENCODING sign1-centered MODE asymmetric").ids) == 3
+
+
+def test_recenter_moves_the_centroid_atomically(tmp_path):
+    path = make(tmp_path / "s", encodings=("f32",))
+    with gradstore.open(path, readonly=False) as st:
+        st.write("extra", "e1", rand(10, 9) + 5, ids(0, 10), encodings=["f32", "sign1-centered"])
+        first_batch_mean = st.centroid("extra", "e1")
+        st.write("extra", "e1", rand(10, 8) - 5, ids(10, 20), encodings=["f32", "sign1-centered"])
+        assert np.allclose(st.centroid("extra", "e1"), first_batch_mean)
+        ops.requantize(st, "extra", to=["sign1-centered"], recenter=True)
+        whole = st.vectors("extra", "e1", "f32").mean(axis=0)
+        np.testing.assert_allclose(st.centroid("extra", "e1"), whole, rtol=1e-5, atol=1e-5)
+        assert ops.check(st).ok

@@ -198,6 +198,8 @@ def test_centered_rows_keep_a_frozen_centroid_and_exact_norms(tmp_store):
     approx = tmp_store.vectors("train", "epoch-1", "sign1-centered")
     np.testing.assert_allclose(np.linalg.norm(approx - center, axis=1), res_norm, rtol=1e-5)
     assert tmp_store.centroid("train", "epoch-2") is None
+    assert tmp_store.info()["sets"]["train"]["centroid_norms"] == {
+        "epoch-1": pytest.approx(float(np.linalg.norm(center)), rel=1e-6)}
 
 
 def test_a_calibration_centroid_is_used_when_given(tmp_store):
