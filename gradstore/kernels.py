@@ -11,8 +11,12 @@ Implementations and their trade-offs:
   to ``vpopcntq`` where the CPU has it). Four rows share each load of a query word. A row
   block that is not 8-byte aligned is viewed as unaligned uint64 (measured as fast as an
   aligned copy on x86, so no copy is made).
-  ``sign_subtask_means`` is ``sign_subtask_weighted`` with weights ``1 / (count * dim)``
-  (one fused kernel; the weighted sum over each subtask's contiguous vals is in float64).
+  ``sign_subtask_weighted`` sums each subtask's contiguous vals with per-val weights (float64).
+  ``sign_subtask_means`` (equal weights) counts instead: for subtask s of n_s rows, let
+  cnt_j be how many of its rows have bit j set, stored as bit_length(n_s) bit planes P_k;
+  then sum_v popcount(g ^ v) = sum_j cnt_j + n_s popcount(g) - 2 sum_k 2^k popcount(g & P_k),
+  so a subtask of 5 rows costs 3 AND-popcount passes instead of 5 XOR-popcount passes
+  (exact; MMLU's 285 rows in 57 subtasks: 171 passes + 1 instead of 285).
 - ``int_dot`` / ``int_subtask_means`` (bits 8, 4, 2): the query side is unpacked once into
   signed int8 level planes; a row's fields stay unsigned (``u = level + o``, ``o = 2**(k-1)``)
   and ``<l_a, l_b> = sum(u_a * l_b) - o * sum(l_b)``. The product sum is a hand-written
@@ -40,6 +44,7 @@ from .errors import SchemaMismatchError
 
 __all__ = [
     "HAS_VNNI",
+    "SignSubtasks",
     "float_dot",
     "int_dot",
     "int_subtask_means",
@@ -317,6 +322,71 @@ def _sign_weighted_kernel(a, b, starts, weights, dim):
 
 
 @njit(**_PJIT)
+def _sign_counts_kernel(a, planes, plane_off, csum, counts, dim):
+    """out[i, s] = mean over subtask s of <a[i], v> / dim, from bit-sliced vote counts."""
+    n = a.shape[0]
+    nw = a.shape[1]
+    ns = counts.shape[0]
+    npl = planes.shape[0]
+    out = np.empty((n, ns), np.float32)
+    for blk in prange((n + _RB - 1) // _RB):
+        i0 = blk * _RB
+        m = min(_RB, n - i0)
+        acc = np.zeros((_RB, npl), np.int64)
+        ones = np.zeros(_RB, np.int64)
+        for r in range(m):
+            c = np.uint64(0)
+            for w in range(nw):
+                c += _popcount(a[i0 + r, w])
+            ones[r] = np.int64(c)
+        if m == 4:
+            for p in range(npl):
+                c0 = np.uint64(0)
+                c1 = np.uint64(0)
+                c2 = np.uint64(0)
+                c3 = np.uint64(0)
+                for w in range(nw):
+                    y = planes[p, w]
+                    c0 += _popcount(a[i0, w] & y)
+                    c1 += _popcount(a[i0 + 1, w] & y)
+                    c2 += _popcount(a[i0 + 2, w] & y)
+                    c3 += _popcount(a[i0 + 3, w] & y)
+                acc[0, p] = np.int64(c0)
+                acc[1, p] = np.int64(c1)
+                acc[2, p] = np.int64(c2)
+                acc[3, p] = np.int64(c3)
+        else:
+            for r in range(m):
+                for p in range(npl):
+                    c = np.uint64(0)
+                    for w in range(nw):
+                        c += _popcount(a[i0 + r, w] & planes[p, w])
+                    acc[r, p] = np.int64(c)
+        for r in range(m):
+            for s in range(ns):
+                t = np.int64(0)
+                for k in range(plane_off[s], plane_off[s + 1]):
+                    t += acc[r, k] << (k - plane_off[s])
+                mismatches = csum[s] + counts[s] * ones[r] - 2 * t
+                out[i0 + r, s] = (counts[s] * dim - 2 * mismatches) / (counts[s] * np.float64(dim))
+    return out
+
+
+def _count_planes(vals: np.ndarray, starts: np.ndarray, counts: np.ndarray):
+    """Bit planes of each subtask's per-bit vote counts (uint64 words), plane offsets, sum of counts."""
+    bits = np.unpackbits(vals, axis=1, bitorder="little").astype(np.int64)
+    planes, offsets, csum = [], [0], []
+    for s in range(len(counts)):
+        cnt = bits[starts[s]:starts[s + 1]].sum(axis=0)
+        for k in range(int(counts[s]).bit_length()):
+            planes.append(np.packbits(((cnt >> k) & 1).astype(np.uint8), bitorder="little"))
+        offsets.append(len(planes))
+        csum.append(int(cnt.sum()))
+    return (np.ascontiguousarray(np.stack(planes)).view(np.uint64), np.array(offsets, np.int64),
+            np.array(csum, np.int64))
+
+
+@njit(**_PJIT)
 def _int_dot_kernel(a, planes, qcorr, bits):
     na = a.shape[0]
     out = np.empty((na, planes.shape[0]), np.int32)
@@ -504,15 +574,28 @@ def sign_subtask_weighted(rows, vals, weights, starts, dim: int) -> np.ndarray:
     return _sign_weighted_kernel(_words(rows), _words(vals), starts, w, int(dim))
 
 
+class SignSubtasks:
+    """Task sign rows grouped into subtasks, prepared once (bit-sliced vote counts) for
+    `means` over many blocks of train rows."""
+
+    def __init__(self, vals, starts, dim: int):
+        self.vals = _rows(vals, "vals", dim, 1)
+        self.dim = int(dim)
+        _, self.counts = _subtasks(starts, self.vals.shape[0])
+        self.planes, self.offsets, self.csum = _count_planes(self.vals, np.asarray(starts, np.int64),
+                                                             self.counts)
+
+    def means(self, rows) -> np.ndarray:
+        """float32 (n, S): mean over v in subtask s of <row, v> / dim."""
+        rows = _rows(rows, "rows", self.dim, 1)
+        _check_pair(rows, self.vals)
+        return _sign_counts_kernel(_words(rows), self.planes, self.offsets, self.csum, self.counts,
+                                   self.dim)
+
+
 def sign_subtask_means(rows, vals, starts, dim: int) -> np.ndarray:
     """float32 (n, S): mean over v in vals[starts[s]:starts[s+1]] of <row, v> / dim (sign1)."""
-    rows = _rows(rows, "rows", dim, 1)
-    vals = _rows(vals, "vals", dim, 1)
-    _check_pair(rows, vals)
-    _, counts = _subtasks(starts, vals.shape[0])
-    w = np.repeat(1.0 / (counts * np.float64(dim)), counts)  # float64: no float32 rounding
-    starts = np.ascontiguousarray(starts, dtype=np.int64)
-    return _sign_weighted_kernel(_words(rows), _words(vals), starts, w, int(dim))
+    return SignSubtasks(vals, starts, dim).means(rows)
 
 
 def int_subtask_means(rows, row_norm, vals, val_norm, starts, bits: int, dim: int) -> np.ndarray:

@@ -59,8 +59,9 @@ class _Side:
     """What scoring needs of one task at one checkpoint (see _subtask_cos for the formulas)."""
 
     starts: np.ndarray  # int64 (S+1,): rows of subtask s are vals[starts[s]:starts[s+1]]
-    vals: np.ndarray | None = None  # xor-popcount: packed sign rows grouped by subtask
-    weights: np.ndarray | None = None  # xor-popcount: per task row
+    counts: kernels.SignSubtasks | None = None  # xor-popcount, plain: task rows prepared
+    vals: np.ndarray | None = None  # xor-popcount, centered: packed sign rows grouped by subtask
+    weights: np.ndarray | None = None  # xor-popcount, centered: per task row
     queries: np.ndarray | None = None  # float-dot: one float vector per subtask
     center: float | np.ndarray = 0.0  # centered, asymmetric: <c, m_s> per subtask
     alpha: np.ndarray | None = None  # centered, symmetric: mean_v 1/|V|
@@ -87,7 +88,7 @@ def _task_side(store, plan: Plan, task: TaskPlan, ckpt: str) -> _Side:
     if not enc.centered:
         rows = store.read(task.name, ckpt, task.encoding)
         if plan.kernel == "xor-popcount":  # sign rows on both sides: |v| = sqrt(d), cos = dot / d
-            return _Side(starts, vals=np.ascontiguousarray(rows.payload[order]), weights=1.0 / (counts * dim))
+            return _Side(starts, counts=kernels.SignSubtasks(rows.payload[order], starts, dim))
         unit, _ = _unit(unpack_levels(rows.payload, task.encoding, dim).astype(np.float64)[order])
         return _Side(starts, queries=_subtask_means(unit, starts).astype(np.float32))
 
@@ -126,7 +127,9 @@ def _subtask_cos(plan: Plan, enc: Encoding, side: _Side, blk, dim: int) -> np.nd
       symmetric:  ((|c|^2 + a <R, c>) alpha_s + beta_s + a T_s) / |G|,
                   T_s = mean_v |V-c|/|V| <R, Rv>   (V = c + |V-c| Rv)
     """
-    if plan.kernel == "xor-popcount":
+    if side.counts is not None:
+        t = side.counts.means(blk.payload)
+    elif plan.kernel == "xor-popcount":
         t = kernels.sign_subtask_weighted(blk.payload, side.vals, side.weights, side.starts, dim)
     else:
         t = _safe_div(kernels.float_dot(blk.payload, enc, dim, side.queries), blk.norm)
