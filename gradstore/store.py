@@ -48,7 +48,7 @@ from .errors import (
     UnknownNameError,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: row metadata in compressed chunks, no ids db, centroids db
 DEFAULT_BLOCK_BYTES = 2 << 20  # ~2 MiB blocks: a few large zero-copy reads per scan
 MAX_BLOCK_ROWS = 4096
 DEFAULT_MAP_SIZE = 64 << 20  # grows on demand (doubling), so small stores stay small
@@ -262,10 +262,20 @@ class Store:
         try:
             # Without a txn, py-lmdb opens the handles in a transaction it commits, so they
             # outlive it (handles opened in an aborted read txn would be discarded).
+            # meta first: a store of another format version may lack the other databases.
+            meta_db = self._env.open_db(b"meta", create=False)
+            with self._env.begin() as txn:
+                raw = txn.get(b"meta", db=meta_db)
+            if raw is None:
+                raise StoreNotFoundError(f"{self.path}: not a gradstore store (no meta record)")
+            _check_version(self.path, _loads(raw).get("format_version", 0))
             self._dbs = {name: self._env.open_db(name.encode(), create=False) for name in _DBS}
         except lmdb.Error as exc:
             _REGISTRY.release(self.path)
             raise StoreNotFoundError(f"{self.path}: not a gradstore store ({exc})") from None
+        except GradstoreError:
+            _REGISTRY.release(self.path)
+            raise
 
     @property
     def env(self) -> lmdb.Environment:
@@ -298,13 +308,7 @@ class Store:
             raw = txn.get(b"meta", db=self._dbs["meta"])
         if raw is None:
             raise StoreNotFoundError(f"{self.path}: not a gradstore store (no meta record)")
-        meta = _loads(raw)
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise FormatVersionError(
-                f"{self.path}: store format version {meta['format_version']} is newer than this"
-                f" gradstore supports ({FORMAT_VERSION}); upgrade gradstore"
-            )
-        return meta
+        return _loads(raw)
 
     def _write_txn(self, fn):
         """Run fn(txn) in one write transaction; on a full map, grow it and retry the batch."""
@@ -909,6 +913,15 @@ def _refuse_global(encs: list[Encoding]) -> None:
             raise SchemaMismatchError(
                 f"encoding {enc.name!r} needs the whole set's scale; write per-row encodings"
                 " and derive it with requantize")
+
+
+def _check_version(path: str, version: int) -> None:
+    if version > FORMAT_VERSION:
+        raise FormatVersionError(f"{path}: store format version {version} is newer than this gradstore"
+                                 f" supports ({FORMAT_VERSION}); upgrade gradstore")
+    if version < FORMAT_VERSION:
+        raise FormatVersionError(f"{path}: store format version {version} is older than this gradstore"
+                                 f" reads ({FORMAT_VERSION}); re-run ingest into a new store")
 
 
 def _check_unique(ids: list[str], set_name: str) -> None:

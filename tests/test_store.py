@@ -210,3 +210,20 @@ def test_a_calibration_centroid_is_used_when_given(tmp_store):
     with pytest.raises(SchemaMismatchError, match="cannot be copied between stores"):
         tmp_store.write_quantized("u", "epoch-1", {"absmax4-centered": tmp_store.read("t", "epoch-1", "absmax4-centered")},
                                   list("abcd"))
+
+
+def test_older_format_is_refused_by_version_before_anything_else(tmp_path):
+    import json
+
+    import lmdb
+
+    store = gradstore.create(tmp_path / "s", dim=4)
+    meta = dict(store.meta, format_version=1)
+    store.close()
+    env = lmdb.open(str(tmp_path / "s"), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.put(b"meta", json.dumps(meta).encode(), db=env.open_db(b"meta", txn=txn))
+        txn.drop(env.open_db(b"centroids", txn=txn), delete=True)  # as a version-1 store lacks it
+    env.close()
+    with pytest.raises(FormatVersionError, match="format version 1 is older than this gradstore reads \\(2\\)"):
+        gradstore.open(tmp_path / "s")

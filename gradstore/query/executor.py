@@ -48,6 +48,12 @@ class _TopK:
         self.rows = np.empty(0, np.int64)
 
     def push(self, scores: np.ndarray, rows: np.ndarray) -> None:
+        if len(self.scores) == self.k:
+            # Rows arrive in increasing order, so a newcomer must beat the k-th score outright.
+            better = scores > self.scores[-1]
+            if not better.any():
+                return
+            scores, rows = scores[better], rows[better]
         s = np.concatenate([self.scores, scores])
         r = np.concatenate([self.rows, rows])
         order = np.lexsort((r, -s.astype(np.float64)))[: self.k]
