@@ -183,3 +183,8 @@ def test_errors_name_what_exists(store):
         store.query("TOP 5 FROM mmlu BY tydiqa")
     with pytest.raises(QuerySyntaxError):
         store.query("TOP FROM train")
+
+
+def test_a_percentage_of_an_empty_filter_selects_nothing(store):
+    result = store.query("TOP 5% FROM train BY mmlu WHERE source = 'nobody'")
+    assert result.ids == [] and len(result.scores) == 0

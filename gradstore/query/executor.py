@@ -48,6 +48,8 @@ class _TopK:
         self.rows = np.empty(0, np.int64)
 
     def push(self, scores: np.ndarray, rows: np.ndarray) -> None:
+        if self.k == 0:
+            return
         if len(self.scores) == self.k:
             # Rows arrive in increasing order, so a newcomer must beat the k-th score outright.
             better = scores > self.scores[-1]
