@@ -198,6 +198,17 @@ class _EnvRegistry:
 _REGISTRY = _EnvRegistry()
 
 
+def _adopt_growth(env: lmdb.Environment) -> None:
+    """Map what another process's writes grew the store to, before the next transaction.
+
+    Without this a long-lived handle (a reader beside an ingest, a second writer) fails with
+    lmdb's MapResizedError once the data outgrow the map it opened with.
+    """
+    info = env.info()
+    if (info["last_pgno"] + 1) * env.stat()["psize"] > info["map_size"]:
+        env.set_mapsize(0)  # 0: adopt the size the growing writer recorded
+
+
 def _resolve(path) -> str:
     return os.path.realpath(os.fspath(path))
 
@@ -283,6 +294,7 @@ class Store:
             raise GradstoreError(f"{self.path}: store is closed")
         if self._pid != os.getpid():  # after fork: never touch the parent's environment
             self._connect()
+        _adopt_growth(self._env)
         return self._env
 
     def close(self) -> None:
@@ -322,6 +334,8 @@ class Store:
             except lmdb.MapFullError:
                 self._map_size = env.info()["map_size"] * 2
                 env.set_mapsize(self._map_size)
+            except lmdb.MapResizedError:  # another writer grew the map since we looked
+                env.set_mapsize(0)
 
     @property
     def dim(self) -> int:
