@@ -6,6 +6,7 @@ Imports numpy, numba and lmdb; never torch.
 from .encodings import Encoding, parse_encoding
 from .errors import (
     CorruptStoreError,
+    DiskFullError,
     DuplicateIdError,
     FormatVersionError,
     GradstoreError,
@@ -31,6 +32,7 @@ __all__ = [
     "Encoding",
     "parse_encoding",
     "CorruptStoreError",
+    "DiskFullError",
     "DuplicateIdError",
     "FormatVersionError",
     "GradstoreError",

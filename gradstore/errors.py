@@ -47,6 +47,10 @@ class CorruptStoreError(GradstoreError, IOError):
     "A block failed its checksum or the store's records disagree."
 
 
+class DiskFullError(GradstoreError, OSError):
+    "The disk filled up during a write: that batch is not in the store, every earlier one is."
+
+
 class WriterBusyError(GradstoreError, BlockingIOError):
     "Another process holds the store's write lock."
 

@@ -21,6 +21,7 @@ Nothing is pickled: metadata is JSON, vectors are raw little-endian arrays.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -37,6 +38,7 @@ from . import quant
 from .encodings import Encoding, parse_encoding
 from .errors import (
     CorruptStoreError,
+    DiskFullError,
     DuplicateIdError,
     FormatVersionError,
     GradstoreError,
@@ -336,6 +338,12 @@ class Store:
                 env.set_mapsize(self._map_size)
             except lmdb.MapResizedError:  # another writer grew the map since we looked
                 env.set_mapsize(0)
+            except (lmdb.DiskError, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # The transaction was aborted, so the store is exactly as after the last batch.
+                raise DiskFullError(f"{self.path}: disk full while writing a batch ({exc}): free space"
+                                    " and re-run; the store keeps every earlier batch") from exc
 
     @property
     def dim(self) -> int:
