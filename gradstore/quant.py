@@ -41,7 +41,7 @@ _PARALLEL_MIN_SIZE = 1 << 18  # entries of x; about 32 rows of d = 8192
 class QuantizedRows(NamedTuple):
     """Packed rows (uint8, (n, row_bytes)) with their float32 scale (n,) and level norm (n,).
 
-    Centered rows also carry `extra` (float32 (n, 3)): CENTERED_COLUMNS, exact float norms.
+    Centered rows also carry `extra` (float32 (n, 2)): CENTERED_COLUMNS, exact float norms.
     """
 
     payload: np.ndarray
@@ -64,9 +64,8 @@ class QuantizedRows(NamedTuple):
                              None if extras[0] is None else np.concatenate(extras))
 
 
-# Per-row exact values a centered row keeps beside its quantized residual direction:
-# |x - c|, |x|, and <R, c> with R = levels / |levels| (the residual's stored unit direction).
-CENTERED_COLUMNS = ("res_norm", "full_norm", "cdot")
+# Per-row exact values a centered row keeps beside its quantized residual direction.
+CENTERED_COLUMNS = ("res_norm", "full_norm")  # |x - c|, |x|
 
 
 def quantize(x: np.ndarray, enc: Encoding | str,
@@ -140,11 +139,8 @@ def quantize_centered(x: np.ndarray, centroid: np.ndarray, enc: Encoding | str,
     base = Encoding(enc.kind, enc.bits, enc.global_scale, centered=False)
     residual = x - c
     rows = (quantizer or quantize)(residual, base)
-    levels = unpack_levels(rows.payload, base, x.shape[1]).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cdot = np.where(rows.norm > 0, levels @ c.astype(np.float64) / rows.norm, 0.0)
     extra = np.stack([np.linalg.norm(residual.astype(np.float64), axis=1),
-                      np.linalg.norm(x.astype(np.float64), axis=1), cdot], axis=1)
+                      np.linalg.norm(x.astype(np.float64), axis=1)], axis=1)
     return QuantizedRows(rows.payload, rows.scale, rows.norm, extra.astype(np.float32))
 
 

@@ -66,7 +66,8 @@ def reference(store, tasks, ckpts, weight, enc, mode, agg, combine):
 
 
 def reference_centered(store, task, enc, mode, agg="max"):
-    """DESIGN's score with G ~ c + |G-c| R (R the stored unit residual), exact |G| and |V|."""
+    """DESIGN's score with G ~ c + |G-c| R (R the stored unit residual), exact |G| and |V|;
+    symmetric: the task row's direction quantized plainly."""
     from gradstore.encodings import Encoding, parse_encoding
     from gradstore.quant import quantize_reference, unpack_levels
 
@@ -81,9 +82,9 @@ def reference_centered(store, task, enc, mode, agg="max"):
         r = unpack_levels(store.read("train", c, enc).payload, base, DIM).astype(np.float64)
         g_approx = center + np.linalg.norm(g - center, axis=1)[:, None] * r / np.linalg.norm(r, axis=1)[:, None]
         v = store.vectors(task, c, "f32").astype(np.float64)
-        if mode == "symmetric":
-            rv = unpack_levels(quantize_reference((v - center).astype(np.float32), base).payload, base, DIM)
-            v_approx = center + np.linalg.norm(v - center, axis=1)[:, None] * rv / np.linalg.norm(rv, axis=1)[:, None]
+        if mode == "symmetric":  # the task row's own direction, quantized plainly, at its exact length
+            lv = unpack_levels(quantize_reference(v.astype(np.float32), base).payload, base, DIM)
+            v_approx = np.linalg.norm(v, axis=1)[:, None] * lv / np.linalg.norm(lv, axis=1)[:, None]
         else:
             v_approx = v
         cos = (g_approx @ v_approx.T) / np.outer(np.linalg.norm(g, axis=1), np.linalg.norm(v, axis=1))

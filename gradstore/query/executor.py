@@ -66,15 +66,10 @@ class _TopK:
 class _Side:
     """What scoring needs of one task at one checkpoint (see _subtask_cos for the formulas)."""
 
-    starts: np.ndarray  # int64 (S+1,): rows of subtask s are vals[starts[s]:starts[s+1]]
-    counts: kernels.SignSubtasks | None = None  # xor-popcount, plain: task rows prepared
-    vals: np.ndarray | None = None  # xor-popcount, centered: packed sign rows grouped by subtask
-    weights: np.ndarray | None = None  # xor-popcount, centered: per task row
+    starts: np.ndarray  # int64 (S+1,): rows of subtask s are task rows starts[s]..starts[s+1]-1
+    counts: kernels.SignSubtasks | None = None  # xor-popcount: task sign rows, prepared
     queries: np.ndarray | None = None  # float-dot: one float vector per subtask
-    center: float | np.ndarray = 0.0  # centered, asymmetric: <c, m_s> per subtask
-    alpha: np.ndarray | None = None  # centered, symmetric: mean_v 1/|V|
-    beta: np.ndarray | None = None  # centered, symmetric: mean_v |V-c| <c, Rv> / |V|
-    c_norm2: float = 0.0  # centered, symmetric: |c|^2
+    center: float | np.ndarray = 0.0  # centered: per subtask, mean_v <c, v/|v|> (or its quantized v)
 
 
 def _unit(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,34 +86,27 @@ def _task_side(store, plan: Plan, task: TaskPlan, ckpt: str) -> _Side:
     enc = parse_encoding(plan.encoding)
     order = np.asarray(task.order, np.int64)
     starts = np.asarray(task.starts, np.int64)
-    counts = np.repeat(np.diff(starts), np.diff(starts)).astype(np.float64)
     dim = store.dim
-    if not enc.centered:
-        rows = store.read(task.name, ckpt, task.encoding)
-        if plan.kernel == "xor-popcount":  # sign rows on both sides: |v| = sqrt(d), cos = dot / d
-            return _Side(starts, counts=kernels.SignSubtasks(rows.payload[order], starts, dim))
-        unit, _ = _unit(unpack_levels(rows.payload, task.encoding, dim).astype(np.float64)[order])
-        return _Side(starts, queries=_subtask_means(unit, starts).astype(np.float32))
-
-    v = store.vectors(task.name, ckpt, task.encoding).astype(np.float64)[order]  # the float master
-    c = store.centroid(plan.set_name, ckpt).astype(np.float64)
-    if plan.mode == "asymmetric":
-        m = _subtask_means(_unit(v)[0], starts)
-        return _Side(starts, queries=m.astype(np.float32), center=m @ c)
-    # Symmetric: the task rows quantized as the train rows are, around the train centroid.
-    base = Encoding(enc.kind, enc.bits, enc.global_scale)
-    q = quantize(v - c, base)
-    r_unit, _ = _unit(unpack_levels(q.payload, base, dim).astype(np.float64))
-    v_norm = np.linalg.norm(v, axis=1)
-    inv = np.divide(1.0, v_norm, out=np.zeros_like(v_norm), where=v_norm > 0)
-    b = np.linalg.norm(v - c, axis=1) * inv  # |V - c| / |V|
-    side = _Side(starts, alpha=_subtask_means(inv[:, None], starts)[:, 0],
-                 beta=_subtask_means((b * (r_unit @ c))[:, None], starts)[:, 0], c_norm2=float(c @ c))
-    if plan.kernel == "xor-popcount":
-        side.vals, side.weights = np.ascontiguousarray(q.payload), b / (counts * dim)
-    else:
-        side.queries = _subtask_means(b[:, None] * r_unit, starts).astype(np.float32)
-    return side
+    if enc.centered:
+        # The task rows' own directions: exact (asymmetric) or quantized plainly in the same
+        # base encoding (symmetric). Task gradients do not share the train rows' centroid.
+        v = store.vectors(task.name, ckpt, task.encoding)[order]
+        base = Encoding(enc.kind, enc.bits, enc.global_scale)
+        rows = quantize(v, base) if plan.mode == "symmetric" else None
+        unit = _unit(v.astype(np.float64) if rows is None else
+                     unpack_levels(rows.payload, base, dim).astype(np.float64))[0]
+        c = store.centroid(plan.set_name, ckpt).astype(np.float64)
+        side = _Side(starts, center=_subtask_means(unit @ c, starts))
+        if plan.kernel == "xor-popcount":
+            side.counts = kernels.SignSubtasks(rows.payload, starts, dim)
+        else:
+            side.queries = _subtask_means(unit, starts).astype(np.float32)
+        return side
+    rows = store.read(task.name, ckpt, task.encoding)
+    if plan.kernel == "xor-popcount":  # sign rows on both sides: |v| = sqrt(d), cos = dot / d
+        return _Side(starts, counts=kernels.SignSubtasks(rows.payload[order], starts, dim))
+    unit, _ = _unit(unpack_levels(rows.payload, task.encoding, dim).astype(np.float64)[order])
+    return _Side(starts, queries=_subtask_means(unit, starts).astype(np.float32))
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -129,26 +117,19 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 def _subtask_cos(plan: Plan, enc: Encoding, side: _Side, blk, dim: int) -> np.ndarray:
     """(rows, subtasks): mean over each subtask's task rows of cos(train row, task row).
 
-    Plain: <L, q_s> / |L| with q_s the subtask's collapsed unit vectors (or XOR-popcount).
-    Centered (G = c + a R, R = L/|L|, exact a = |G - c| and |G|):
-      asymmetric: (<c, m_s> + a <R, m_s>) / |G|
-      symmetric:  ((|c|^2 + a <R, c>) alpha_s + beta_s + a T_s) / |G|,
-                  T_s = mean_v |V-c|/|V| <R, Rv>   (V = c + |V-c| Rv)
+    Plain: <L, q_s> / |L| with q_s the subtask's collapsed unit task vectors (XOR-popcount for
+    sign1 in symmetric mode). Centered (G = c + a R, R = L/|L|, exact a = |G - c| and |G|):
+    mean_v cos(G, v) = (mean_v <c, v^> + a mean_v <R, v^>) / |G|, v^ the task row's unit
+    direction (quantized in symmetric mode), the second mean as in the plain case.
     """
     if side.counts is not None:
         t = side.counts.means(blk.payload)
-    elif plan.kernel == "xor-popcount":
-        t = kernels.sign_subtask_weighted(blk.payload, side.vals, side.weights, side.starts, dim)
     else:
         t = _safe_div(kernels.float_dot(blk.payload, enc, dim, side.queries), blk.norm)
     if not enc.centered:
         return t
-    a, full, cdot = (blk.extra[:, i].astype(np.float64) for i in range(3))
-    if plan.mode == "asymmetric":
-        num = side.center[None, :] + a[:, None] * t
-    else:
-        num = (side.c_norm2 + a * cdot)[:, None] * side.alpha[None, :] + side.beta[None, :] + a[:, None] * t
-    return _safe_div(num, full)
+    a, full = (blk.extra[:, i].astype(np.float64) for i in range(2))
+    return _safe_div(side.center[None, :] + a[:, None] * t, full)
 
 
 def execute(store, plan: Plan) -> Result:
