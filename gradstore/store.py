@@ -11,7 +11,7 @@ Named databases (keys are fixed-width big-endian so byte order is numeric order)
   rows are appended) for duplicate checks and resume.
 - ``blocks``: set_id u32 | checkpoint u32 | encoding (24 bytes) | block u32 -> one block:
   header (magic, n rows, crc32) | payload (n x row_bytes) | scale (n x f32) | norm (n x f32)
-  [| res_norm, full_norm, cdot (n x f32 each) for centered encodings]
+  [| res_norm, full_norm (n x f32 each) for centered encodings]
 - ``centroids``: set_id u32 | checkpoint u32 -> float32 (dim,): the centroid that centered
   encodings of that set and checkpoint subtract, frozen at their first write
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import struct
 import threading
 import time
@@ -121,7 +122,7 @@ class Block:
     payload: np.ndarray  # uint8 (n, row_bytes)
     scale: np.ndarray  # float32 (n,)
     norm: np.ndarray  # float32 (n,)
-    extra: np.ndarray | None = None  # float32 (n, 3) for centered encodings
+    extra: np.ndarray | None = None  # float32 (n, 2) for centered encodings
 
     def rows(self, lo: int = 0, hi: int | None = None) -> quant.QuantizedRows:
         """Rows lo..hi-1 of the block, copied out of the map."""
@@ -226,7 +227,26 @@ def create(path, dim: int, projection: dict | None = None, model: dict | None = 
         raise StoreExistsError(f"{path}: a store already exists here")
     if os.path.exists(real) and (not os.path.isdir(real) or os.listdir(real)):
         raise StoreExistsError(f"{path}: exists and is not an empty directory")
-    os.makedirs(real, exist_ok=True)
+    # Built in a directory beside `path` and renamed at the end: a create killed before its
+    # first commit would leave a data file with no records, which open() refuses and create()
+    # would not overwrite, so the path could not be used until someone deleted it.
+    parent, base = os.path.split(real)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{base}.{os.getpid()}.{threading.get_ident()}.creating")
+    shutil.rmtree(tmp, ignore_errors=True)  # ours, left by a killed create of the same pid
+    os.mkdir(tmp)
+    try:
+        _create_in(tmp, dim, projection, model, lora, map_size, block_bytes)
+        if os.path.isdir(real):
+            os.rmdir(real)  # empty, checked above
+        os.rename(tmp, real)  # the store appears whole, or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Store(real, readonly=False, map_size=map_size)
+
+
+def _create_in(real: str, dim: int, projection, model, lora, map_size: int, block_bytes: int) -> None:
     env = lmdb.open(real, map_size=map_size, max_dbs=len(_DBS), subdir=True)
     try:
         meta = {
@@ -243,7 +263,6 @@ def create(path, dim: int, projection: dict | None = None, model: dict | None = 
             txn.put(b"meta", _dumps(meta), db=dbs["meta"])
     finally:
         env.close()
-    return Store(real, readonly=False, map_size=map_size)
 
 
 def open(path, readonly: bool = True, map_size: int = DEFAULT_MAP_SIZE) -> "Store":  # noqa: A001
