@@ -66,16 +66,15 @@ class _TopK:
 class _Side:
     """What scoring needs of one task at one checkpoint (see _subtask_cos for the formulas)."""
 
-    starts: np.ndarray  # int64 (S+1,): rows of subtask s are task rows starts[s]..starts[s+1]-1
     counts: kernels.SignSubtasks | None = None  # xor-popcount: task sign rows, prepared
     queries: np.ndarray | None = None  # float-dot: one float vector per subtask
-    center: float | np.ndarray = 0.0  # centered: per subtask, mean_v <c, v/|v|> (or its quantized v)
+    center: float | np.ndarray = 0.0  # centered: per subtask, mean_v <c, unit direction of v>
 
 
-def _unit(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows scaled to unit length (zero rows stay zero), and the lengths."""
+def _unit(levels: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
     norms = np.linalg.norm(levels, axis=1)
-    return np.divide(levels, norms[:, None], out=np.zeros_like(levels), where=norms[:, None] > 0), norms
+    return np.divide(levels, norms[:, None], out=np.zeros_like(levels), where=norms[:, None] > 0)
 
 
 def _subtask_means(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -94,9 +93,9 @@ def _task_side(store, plan: Plan, task: TaskPlan, ckpt: str) -> _Side:
         base = Encoding(enc.kind, enc.bits, enc.global_scale)
         rows = quantize(v, base) if plan.mode == "symmetric" else None
         unit = _unit(v.astype(np.float64) if rows is None else
-                     unpack_levels(rows.payload, base, dim).astype(np.float64))[0]
+                     unpack_levels(rows.payload, base, dim).astype(np.float64))
         c = store.centroid(plan.set_name, ckpt).astype(np.float64)
-        side = _Side(starts, center=_subtask_means(unit @ c, starts))
+        side = _Side(center=_subtask_means(unit @ c, starts))
         if plan.kernel == "xor-popcount":
             side.counts = kernels.SignSubtasks(rows.payload, starts, dim)
         else:
@@ -104,9 +103,9 @@ def _task_side(store, plan: Plan, task: TaskPlan, ckpt: str) -> _Side:
         return side
     rows = store.read(task.name, ckpt, task.encoding)
     if plan.kernel == "xor-popcount":  # sign rows on both sides: |v| = sqrt(d), cos = dot / d
-        return _Side(starts, counts=kernels.SignSubtasks(rows.payload[order], starts, dim))
-    unit, _ = _unit(unpack_levels(rows.payload, task.encoding, dim).astype(np.float64)[order])
-    return _Side(starts, queries=_subtask_means(unit, starts).astype(np.float32))
+        return _Side(counts=kernels.SignSubtasks(rows.payload[order], starts, dim))
+    unit = _unit(unpack_levels(rows.payload, task.encoding, dim).astype(np.float64)[order])
+    return _Side(queries=_subtask_means(unit, starts).astype(np.float32))
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
