@@ -13,41 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
-import numba
 import numpy as np
+from common import machine as common_machine
 
 from gradstore import kernels
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels.json"
 
 
-# ---- machine -----------------------------------------------------------------------------
-
-
 def machine() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import llvmlite.binding as llvm
 
-    return {
-        "cores": os.cpu_count(),
-        "cpu_model": model,
-        "llvm_cpu": llvm.get_host_cpu_name(),
-        "numba_threads": numba.get_num_threads(),
-        "numba": numba.__version__,
-        "numpy": np.__version__,
-        "vnni": kernels.HAS_VNNI,
-    }
+    return {**common_machine(), "llvm_cpu": llvm.get_host_cpu_name()}
 
 
 # ---- data --------------------------------------------------------------------------------
@@ -189,7 +169,7 @@ def bench_store_topk(rows, queries, dim: int, k: int, repeat: int, t_faiss: floa
         for label, n in (("quarter", len(rows) // 4), ("full", len(rows))):
             store = build_sign_store(f"{tmp}/{label}", rows[:n], dim)
             store_topk(store, queries, dim, k)  # warm: pages cached, kernels compiled
-            seconds, peak = min(peak_anon_during(lambda: store_topk(store, queries, dim, k))
+            seconds, peak = min(peak_anon_during(lambda s=store: store_topk(s, queries, dim, k))
                                 for _ in range(repeat))
             res[label] = {"n": n, "seconds": seconds, "peak_anon_mib": peak / 1024,
                           "store_mib": os.path.getsize(f"{tmp}/{label}/data.mdb") / 2**20}

@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from numba import njit, prange
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -54,7 +53,6 @@ from common import (
 
 import gradstore
 from gradstore import kernels
-from gradstore.kernels import _popcount  # the prototype below reuses the engine intrinsic
 
 QUERY = "TOP 5% FROM train BY mmlu"
 
@@ -239,110 +237,32 @@ def profile_query(store, text: str, top: int = 15) -> str:
     return s.getvalue()
 
 
-# ---- a proposed kernel: bit-sliced subtask counts (prototype, for the report) ---------------
+# ---- the two sign1 subtask kernels side by side ----------------------------------------------
 
 
-@njit(parallel=True, nogil=True, fastmath=True, cache=True)
-def _bitsliced_kernel(a, planes, plane_off, csum, counts, dim):
-    """Mean cos per subtask of +/-1 rows via bit-sliced vote counts (exact).
-
-    For subtask s with n_s rows, cnt_j = how many of its rows have bit j set, stored as
-    ceil(log2(n_s + 1)) bit planes P_k. Then sum_v popcount(g ^ v) =
-    sum_j cnt_j + n_s popcount(g) - 2 sum_k 2^k popcount(g & P_k): 3 AND-popcount passes per
-    subtask of 5 instead of 5 XOR-popcount passes.
-    """
-    n, nw = a.shape
-    ns = counts.shape[0]
-    npl = planes.shape[0]
-    out = np.empty((n, ns), np.float32)
-    for blk in prange((n + 3) // 4):
-        i0 = blk * 4
-        m = min(4, n - i0)
-        acc = np.zeros((4, npl), np.int64)
-        pcs = np.zeros(4, np.int64)
-        for r in range(m):
-            c = np.uint64(0)
-            for w in range(nw):
-                c += _popcount(a[i0 + r, w])
-            pcs[r] = np.int64(c)
-        if m == 4:
-            for p in range(npl):
-                c0 = np.uint64(0)
-                c1 = np.uint64(0)
-                c2 = np.uint64(0)
-                c3 = np.uint64(0)
-                for w in range(nw):
-                    y = planes[p, w]
-                    c0 += _popcount(a[i0, w] & y)
-                    c1 += _popcount(a[i0 + 1, w] & y)
-                    c2 += _popcount(a[i0 + 2, w] & y)
-                    c3 += _popcount(a[i0 + 3, w] & y)
-                acc[0, p] = np.int64(c0)
-                acc[1, p] = np.int64(c1)
-                acc[2, p] = np.int64(c2)
-                acc[3, p] = np.int64(c3)
-        else:
-            for r in range(m):
-                for p in range(npl):
-                    c = np.uint64(0)
-                    for w in range(nw):
-                        c += _popcount(a[i0 + r, w] & planes[p, w])
-                    acc[r, p] = np.int64(c)
-        for r in range(m):
-            for s in range(ns):
-                t = np.int64(0)
-                for k in range(plane_off[s], plane_off[s + 1]):
-                    t += acc[r, k] << (k - plane_off[s])
-                mism = csum[s] + counts[s] * pcs[r] - 2 * t
-                out[i0 + r, s] = (counts[s] * dim - 2 * mism) / (counts[s] * np.float64(dim))
-    return out
-
-
-def bitsliced_prepare(vals: np.ndarray, starts: np.ndarray):
-    """Bit planes of the per-subtask vote counts of packed sign rows `vals` (grouped)."""
-    bits = np.unpackbits(vals, axis=1, bitorder="little").astype(np.int64)
-    planes, off, csum, counts = [], [0], [], []
-    for s in range(len(starts) - 1):
-        cnt = bits[starts[s]:starts[s + 1]].sum(axis=0)
-        ns = int(starts[s + 1] - starts[s])
-        for k in range(max(1, int(ns).bit_length())):
-            planes.append(np.packbits(((cnt >> k) & 1).astype(np.uint8), bitorder="little"))
-        off.append(len(planes))
-        csum.append(int(cnt.sum()))
-        counts.append(ns)
-    return (np.ascontiguousarray(np.stack(planes)).view(np.uint64), np.array(off, np.int64),
-            np.array(csum, np.int64), np.array(counts, np.int64))
-
-
-def bench_bitsliced(store, ckpts, rows: int = 16384) -> dict:
-    """CPU seconds of the engine's sign_subtask_means vs the bit-sliced prototype, same input."""
+def bench_sign_kernels(store, ckpts, rows: int = 16384) -> dict:
+    """CPU seconds of sign_subtask_means (bit-sliced counts) vs sign_subtask_weighted (one
+    XOR-popcount pass per task row, what centered scoring uses) on the same rows."""
     plan = store.query(f"EXPLAIN {QUERY} ENCODING sign1")
     task = plan.tasks[0]
     starts = np.asarray(task.starts, np.int64)
     vals = np.ascontiguousarray(store.read("mmlu", ckpts[0], "sign1").payload[np.asarray(task.order)])
-    a = np.ascontiguousarray(store.read("train", ckpts[0], "sign1").payload[:rows]) \
-        if store.n_rows("train") <= 65536 else None
-    if a is None:
-        parts = []
-        for _, (blk,), _ in store.scan("train", [ckpts[0]], "sign1", limit=rows):
-            parts.append(np.array(blk.payload))
-        a = np.concatenate(parts)
+    parts = [np.array(blk.payload) for _, (blk,), _ in store.scan("train", [ckpts[0]], "sign1", limit=rows)]
+    a = np.concatenate(parts)
     dim = store.dim
-    prep = bitsliced_prepare(vals, starts)
-    words = a.view(np.uint64)
-    ref = kernels.sign_subtask_means(a, vals, starts, dim)
-    got = _bitsliced_kernel(words, *prep, dim)
-    out = {"rows": len(a), "equal": bool(np.allclose(ref, got, rtol=0, atol=1e-6)),
-           "planes": int(prep[0].shape[0]), "xor_passes": len(vals)}
-    for name, fn in (("engine_sign_subtask_means", lambda: kernels.sign_subtask_means(a, vals, starts, dim)),
-                     ("bitsliced_prototype", lambda: _bitsliced_kernel(words, *prep, dim))):
+    counts = kernels.SignSubtasks(vals, starts, dim)
+    weights = np.repeat(1.0 / (np.diff(starts) * dim), np.diff(starts))
+    out = {"rows": len(a), "equal": bool(np.allclose(
+        counts.means(a), kernels.sign_subtask_weighted(a, vals, weights, starts, dim), rtol=0, atol=1e-6))}
+    for name, fn in (("bitsliced_means", lambda: counts.means(a)),
+                     ("xor_weighted", lambda: kernels.sign_subtask_weighted(a, vals, weights, starts, dim))):
         best = math.inf
         for _ in range(5):
             with Timer() as t:
                 fn()
             best = min(best, t.cpu)
         out[name + "_cpu_s"] = best
-    out["speedup_cpu"] = out["engine_sign_subtask_means_cpu_s"] / out["bitsliced_prototype_cpu_s"]
+    out["speedup_cpu"] = out["xor_weighted_cpu_s"] / out["bitsliced_means_cpu_s"]
     return out
 
 
@@ -466,8 +386,8 @@ def main(argv=None) -> dict:
     if "sign1" in encs:
         results["sign1_breakdown"] = breakdown(store, "sign1", ckpts)
         print(f"sign1 breakdown: {results['sign1_breakdown']}", flush=True)
-        results["bitsliced_prototype"] = bench_bitsliced(store, ckpts)
-        print(f"bit-sliced prototype: {results['bitsliced_prototype']}", flush=True)
+        results["sign_kernels"] = bench_sign_kernels(store, ckpts)
+        print(f"sign1 kernels: {results['sign_kernels']}", flush=True)
         prof = profile_query(store, f"{QUERY} ENCODING sign1")
         results["sign1_profile"] = prof
         print(prof, flush=True)
