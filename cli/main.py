@@ -11,6 +11,7 @@ import functools
 import click
 
 import gradstore
+from gradstore.encodings import DEFAULT_ENCODINGS
 from gradstore.query import compose
 from gradstore.query.planner import Plan
 
@@ -193,7 +194,7 @@ def warmup(data, out_dir, percentage, epochs, lr, lora_r, lora_alpha, lora_dropo
               type=click.Path(exists=True, file_okay=False), help="LoRA checkpoint folder (repeatable).")
 @click.option("--lr", "lrs", help="Comma-separated learning rates, one per checkpoint (default: from qless_checkpoint.json).")
 @model_options
-@click.option("--encodings", default="f16,absmax8,sign1", show_default=True, help="Comma-separated encodings to store.")
+@click.option("--encodings", default=",".join(DEFAULT_ENCODINGS), show_default=True, help="Comma-separated encodings to store.")
 @click.option("--dim", default=8192, show_default=True, help="Projection dimension.")
 @click.option("--projection", type=click.Choice(["sparse-rademacher", "dense-rademacher"]),
               default="sparse-rademacher", show_default=True)
@@ -384,7 +385,7 @@ def _problems(report) -> str:
 def demo(store_path, silent):
     """Run the whole pipeline on the embedded SmolLM2-135M and a small multi-skill pool.
 
-    Warmup, ingest at f16/absmax8/sign1, then a top-5% selection per task with how strongly
+    Warmup, ingest at f16/absmax8/sign1-centered, then a top-5% selection per task with how strongly
     the matching skill is enriched and how well the quantized selections agree with f16.
 
     Example:
@@ -398,8 +399,8 @@ def demo(store_path, silent):
 
 @cli.command()
 @click.option("--task", "-t", "tasks", multiple=True, required=True, help="Target task set (repeatable).")
-@click.option("--encodings", default="f16,absmax8,sign1", show_default=True,
-              help="Encodings to compare; the selection shown is the first one's.")
+@click.option("--encodings", help="Encodings to compare (default: all the set holds); the selection"
+              " shown is the first one's.")
 @click.option("--k", default="5%", show_default=True, help="Selection size: a count or a percentage.")
 @click.option("--set", "set_name", help="Training set (default: the store's only one).")
 @click.option("--by", "field", default="category", show_default=True, help="Row metadata field to break the selection down by.")
@@ -412,7 +413,7 @@ def plot(tasks, encodings, k, set_name, field, out_path, store_path, silent):
 
     Example:
 
-        gradstore plot --task mmlu --encodings f16,absmax8,sign1 --by source -o mmlu.png
+        gradstore plot --task mmlu --encodings f16,absmax8,sign1-centered --by source -o mmlu.png
     """
     from gradstore.plot import plot_selection
 

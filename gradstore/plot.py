@@ -15,16 +15,21 @@ import numpy as np
 from .ops import parse_k
 
 
-def plot_selection(store, out_path, tasks: Sequence[str], encodings: Sequence[str], k: str = "5%",
-                   set_name: str | None = None, field: str = "category") -> dict:
-    """Write the PNG to `out_path`; return the plotted numbers (per-encoding scores summary, shares)."""
+def plot_selection(store, out_path, tasks: Sequence[str], encodings: Sequence[str] | None = None,
+                   k: str = "5%", set_name: str | None = None, field: str = "category") -> dict:
+    """Write the PNG to `out_path`; return the plotted numbers (per-encoding scores summary, shares).
+
+    `encodings` defaults to every encoding the train set holds.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    from .query import compose
+    from .query import compose, default_train_set
 
+    set_name = set_name or default_train_set(store)
+    encodings = list(encodings or store.set_info(set_name)["encodings"])
     base = compose(store, tasks, "100%", set_name=set_name).replace("TOP 100%", "SCORE", 1)
     scores = {enc: store.query(f"{base} ENCODING {enc}").scores for enc in encodings}
     first = store.query(f"{base} ENCODING {encodings[0]}")

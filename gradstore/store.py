@@ -36,7 +36,7 @@ import lmdb
 import numpy as np
 
 from . import quant
-from .encodings import Encoding, parse_encoding
+from .encodings import DEFAULT_ENCODINGS, Encoding, parse_encoding
 from .errors import (
     CorruptStoreError,
     DiskFullError,
@@ -495,7 +495,7 @@ class Store:
 
     # ---- writing --------------------------------------------------------------------
     def write(self, set_name: str, checkpoint: str, vectors, ids: Sequence[str], kind: str = "train",
-              encodings: Sequence[str] = ("f16", "absmax8", "sign1"), metadata: Sequence[dict] | None = None,
+              encodings: Sequence[str] = DEFAULT_ENCODINGS, metadata: Sequence[dict] | None = None,
               subtasks: Sequence[str] | None = None, centroid=None) -> int:
         """Append one batch of rows of `set_name` for `checkpoint` in one transaction.
 

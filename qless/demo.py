@@ -2,7 +2,8 @@
 
 A 300-row pool of six skills (qless/demo_data/pool.jsonl) and three small target tasks, each
 written to need one of those skills. The demo trains a short LoRA warmup on 10% of the pool,
-ingests every row's Adam direction (and the tasks' gradients) at f16, absmax8 and sign1, then
+ingests every row's Adam direction (and the tasks' gradients) at the default encodings (f16,
+absmax8, sign1-centered), then
 selects the top 5% for each task and reports how strongly the matching skill is enriched over
 the pool's base rate, and how well the quantized selections agree with f16's.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import gradstore
+from gradstore.encodings import DEFAULT_ENCODINGS
 from gradstore.ops import compare
 
 from .data import read_pool, sample_fraction
@@ -27,7 +29,6 @@ from .warmup import warmup
 
 # The pool category each demo task was written to need.
 TASK_SKILL = {"demo-mmlu": "multiple_choice", "demo-bbh": "logic", "demo-tydiqa": "reading_comprehension"}
-ENCODINGS = ("f16", "absmax8", "sign1")
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,8 @@ def run_demo(store_path: str | Path = "gradstore-demo", settings: DemoSettings =
     del model
 
     echo(f"[3/4] ingest: gradients of {len(pool)} rows and {sum(map(len, tasks.values()))} task rows"
-         f" at {len(checkpoints)} checkpoints -> {', '.join(ENCODINGS)}")
-    options = dict(checkpoints=checkpoints, model_name=s.model, encodings=ENCODINGS, dim=s.dim,
+         f" at {len(checkpoints)} checkpoints -> {', '.join(DEFAULT_ENCODINGS)}")
+    options = dict(checkpoints=checkpoints, model_name=s.model, encodings=DEFAULT_ENCODINGS, dim=s.dim,
                    seed=s.seed, progress=progress)
     report = ingest(store_path, pool, "train", **options)
     for name, examples in tasks.items():
@@ -101,7 +102,7 @@ def run_demo(store_path: str | Path = "gradstore-demo", settings: DemoSettings =
                              categories.count(skill) / len(categories))
             rep.top = [(r["id"], r.get("category"), float(score), _prompt_preview(r))
                        for r, score in zip(result.records[:3], result.scores[:3])]
-            for enc in ENCODINGS[1:]:
+            for enc in DEFAULT_ENCODINGS[1:]:
                 c = compare(store, "f16", enc, tasks=[task], k=s.k)
                 rep.agreement[enc] = {"overlap": c.overlap, "spearman": c.spearman}
             reports.append(rep)

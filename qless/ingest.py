@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 import gradstore
+from gradstore.encodings import DEFAULT_ENCODINGS
 from gradstore.errors import SchemaMismatchError
 
 from .gradients import GradientComputer
@@ -28,7 +29,6 @@ from .model import load_adapter, load_model, lora_config_dict, model_identity
 from .optimizer_state import load_optimizer_state
 from .projection import DEFAULT_DIM, make_projection
 
-DEFAULT_ENCODINGS = ("f16", "absmax8", "sign1")
 CHECKPOINT_INFO = "qless_checkpoint.json"
 
 

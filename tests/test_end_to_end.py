@@ -68,8 +68,8 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny_model, tmp_path):
     assert [r.task for r in reports] == ["demo-mmlu", "demo-bbh", "demo-tydiqa"]
     for rep in reports:
         assert rep.selected == 15 and 0 <= rep.skill_share <= 1
-        assert set(rep.agreement) == {"absmax8", "sign1"}
-        assert -1 <= rep.agreement["sign1"]["spearman"] <= 1
+        assert set(rep.agreement) == {"absmax8", "sign1-centered"}
+        assert -1 <= rep.agreement["sign1-centered"]["spearman"] <= 1
     assert any("done in" in line for line in lines)
     with gradstore.open(tmp_path / "demo") as st:
         assert st.sets() == ["train", "demo-mmlu", "demo-bbh", "demo-tydiqa"]
