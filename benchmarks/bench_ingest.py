@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 import torch
+from common import machine, print_machine, print_table, write_json
 
 import gradstore
-from common import machine, print_machine, print_table, write_json
 from gradstore import quant
 from qless.data import Example
 from qless.gradients import GradientComputer
