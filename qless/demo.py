@@ -37,7 +37,7 @@ class DemoSettings:
     lora_r: int = 8
     lora_alpha: int = 32  # LESS's alpha = 4 r
     warmup_fraction: float = 0.1
-    epochs: int = 1  # one checkpoint keeps the demo within ~5 minutes on 2 cores (two took 7.3)
+    epochs: int = 2
     lr: float = 2e-4  # a few steps only, so a larger lr than LESS's 2e-5
     grad_accum: int = 4
     max_length: int = 512
