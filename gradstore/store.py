@@ -285,7 +285,6 @@ class Store:
         self._ids: dict[int, tuple[list[str], dict[str, int]]] = {}  # set id -> (ids, id -> row)
         self._env: lmdb.Environment | None = None
         self._connect()
-        self.meta = self._read_meta()
 
     # ---- environment lifecycle -------------------------------------------------------
     def _connect(self) -> None:
@@ -300,7 +299,8 @@ class Store:
                 raw = txn.get(b"meta", db=meta_db)
             if raw is None:
                 raise StoreNotFoundError(f"{self.path}: not a gradstore store (no meta record)")
-            _check_version(self.path, _loads(raw).get("format_version", 0))
+            self.meta = _loads(raw)
+            _check_version(self.path, self.meta.get("format_version", 0))
             self._dbs = {name: self._env.open_db(name.encode(), create=False) for name in _DBS}
         except lmdb.Error as exc:
             _REGISTRY.release(self.path)
@@ -335,13 +335,6 @@ class Store:
 
     def __repr__(self) -> str:
         return f"<gradstore.Store {self.path!r} {'read-only' if self.readonly else 'writable'}>"
-
-    def _read_meta(self) -> dict:
-        with self.env.begin() as txn:
-            raw = txn.get(b"meta", db=self._dbs["meta"])
-        if raw is None:
-            raise StoreNotFoundError(f"{self.path}: not a gradstore store (no meta record)")
-        return _loads(raw)
 
     def _write_txn(self, fn):
         """Run fn(txn) in one write transaction; on a full map, grow it and retry the batch."""
