@@ -351,19 +351,12 @@ def _requantize_set(store, job, batch_rows, progress, recenter=False) -> list[di
         for c, n in written.items():
             for t in globals_:
                 scales[t.name][c] = None
-            if c in new_centroids:
+            if globals_ or c in new_centroids:  # one first pass for the set-wide statistics
+                stats: dict[str, list] = {}
                 total_sum = np.zeros(store.dim, np.float64)
                 for x in _master_batches(store, name, c, src, n, batch_rows):
-                    total_sum += x.sum(axis=0, dtype=np.float64)
-                    if not globals_:
-                        bar.update(len(x))
-                new_centroids[c] = (total_sum / max(n, 1)).astype(np.float32)
-            center = new_centroids.get(c)
-            if centered and center is None:
-                center = store.centroid(name, c)
-            if globals_:
-                stats: dict[str, list] = {}
-                for x in _master_batches(store, name, c, src, n, batch_rows):
+                    if c in new_centroids:
+                        total_sum += x.sum(axis=0, dtype=np.float64)
                     for t in globals_:
                         s = quant.set_scale(x, t)
                         acc = stats.setdefault(t.name, [0.0, 0])
@@ -376,6 +369,11 @@ def _requantize_set(store, job, batch_rows, progress, recenter=False) -> list[di
                 for t in globals_:
                     s, size = stats.get(t.name, [0.0, 0])
                     scales[t.name][c] = float(s if t.kind == "absmax" else (s / size if size else 0.0))
+                if c in new_centroids:
+                    new_centroids[c] = (total_sum / max(n, 1)).astype(np.float32)
+            center = new_centroids.get(c)
+            if centered and center is None:
+                center = store.centroid(name, c)
             pending = {t.name: [] for t in targets}
             done = {t.name: 0 for t in targets}
             for x in _master_batches(store, name, c, src, n, batch_rows):
