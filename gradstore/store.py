@@ -437,8 +437,7 @@ class Store:
             for row in rows:
                 chunk, at = divmod(int(row), ROW_CHUNK)
                 if chunk not in chunks:
-                    raw = txn.get(_chunk_key(set_id, chunk), db=self._dbs["rows"])
-                    chunks[chunk] = decode_rows(raw) if raw is not None else []
+                    chunks[chunk] = self._chunk(txn, set_id, chunk)
                 if at >= len(chunks[chunk]):
                     raise UnknownNameError(f"set {set_name!r} has no row {int(row)}")
                 out.append(chunks[chunk][at])
@@ -469,9 +468,13 @@ class Store:
         self._ids[set_id] = (ids, index)
         return ids, index
 
+    def _chunk(self, txn, set_id: int, chunk: int) -> list[dict]:
+        """The row records of one metadata chunk ([] past the end)."""
+        raw = txn.get(_chunk_key(set_id, chunk), db=self._dbs["rows"])
+        return decode_rows(raw) if raw is not None else []
+
     def _row_at(self, txn, set_id: int, row: int) -> dict | None:
-        raw = txn.get(_chunk_key(set_id, row // ROW_CHUNK), db=self._dbs["rows"])
-        records = decode_rows(raw) if raw is not None else []
+        records = self._chunk(txn, set_id, row // ROW_CHUNK)
         return records[row % ROW_CHUNK] if row % ROW_CHUNK < len(records) else None
 
     def ids(self, set_name: str) -> list[str]:
@@ -640,7 +643,7 @@ class Store:
             chunk, at = divmod(first_new, ROW_CHUNK)
             records = []
             if at:
-                records = decode_rows(txn.get(_chunk_key(set_id, chunk), db=self._dbs["rows"]))[:at]
+                records = self._chunk(txn, set_id, chunk)[:at]
             records += appended
             for lo in range(0, len(records), ROW_CHUNK):
                 txn.put(_chunk_key(set_id, chunk + lo // ROW_CHUNK), encode_rows(records[lo:lo + ROW_CHUNK]),
