@@ -10,7 +10,6 @@ the pool's base rate, and how well the quantized selections agree with f16's.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,9 +20,10 @@ import gradstore
 from gradstore.encodings import DEFAULT_ENCODINGS
 from gradstore.ops import compare
 
-from .data import read_pool, sample_fraction
+from .data import load_line, read_pool, sample_fraction
 from .ingest import Checkpoint, ingest
 from .model import attach_lora, load_model, load_tokenizer
+from .selection import read_record_line
 from .tasks import DEMO_POOL_FILE, DEMO_TASKS, load_task
 from .warmup import warmup
 
@@ -126,10 +126,10 @@ def format_report(rep: TaskReport) -> str:
 
 
 def _prompt_preview(row: dict, width: int = 60) -> str:
-    """The first line of the row's user turn, read back from its source line."""
+    """The first line of the row's user turn, read back (and verified) from its source line."""
     with open(row["source_file"], "rb") as f:
-        f.seek(row["offset"])
-        record = json.loads(f.readline())
+        raw = read_record_line(f, row["source_file"], row["offset"], row["id"], row.get("line_sha1"))
+    record = load_line(raw)
     text = next((m["content"] for m in record.get("messages", []) if m.get("role") == "user"), "")
     first = text.strip().splitlines()[0] if text.strip() else ""
     return first if len(first) <= width else first[: width - 3] + "..."
