@@ -31,6 +31,8 @@ Implementations and their trade-offs:
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import contextmanager
 
 import llvmlite.binding as _llvm
 import numpy as np
@@ -52,6 +54,7 @@ __all__ = [
     "sign_dot",
     "sign_subtask_means",
     "sign_subtask_weighted",
+    "single_threaded",
 ]
 
 _JIT = {"nogil": True, "fastmath": True, "cache": True}
@@ -74,6 +77,26 @@ def _host_has_vnni() -> bool:
 
 
 HAS_VNNI = _host_has_vnni()
+
+_local = threading.local()
+
+
+@contextmanager
+def single_threaded():
+    """In this block, on this thread, `SignSubtasks.means`, `IntQueries.dot` and `float_dot`
+    over float rows run on the calling thread alone: for a caller that spreads blocks over its
+    own threads. (A numba parallel launch per block of 64-256 rows cost 7x the CPU of the work
+    on a busy 2-core box: threads spinning at the barrier; measured in bench_plans.)"""
+    before = getattr(_local, "single", False)
+    _local.single = True
+    try:
+        yield
+    finally:
+        _local.single = before
+
+
+def _single() -> bool:
+    return getattr(_local, "single", False)
 
 # ----------------------------------------------------------------------------------------
 # LLVM building blocks
@@ -431,6 +454,16 @@ def _float_dot_kernel(a, q, n, half):
     return out
 
 
+@njit(**_SJIT)
+def _float_dot_serial(a, q, n, half):
+    """_float_dot_kernel on the calling thread alone (see single_threaded)."""
+    na = a.shape[0]
+    out = np.empty((na, q.shape[0]), np.float32)
+    for i0 in range(0, na, _RB):
+        _float_block(a, i0, q, n, half, out[i0:min(i0 + _RB, na)])
+    return out
+
+
 @njit(**_PJIT)
 def _sign_dot_kernel(a, b, dim):
     na = a.shape[0]
@@ -463,54 +496,67 @@ def _sign_weighted_kernel(a, b, starts, weights, dim):
     return out
 
 
-@njit(**_PJIT)
-def _sign_counts_kernel(a, planes, plane_off, csum, counts, dim):
-    """out[i, s] = mean over subtask s of <a[i], v> / dim, from bit-sliced vote counts."""
-    n = a.shape[0]
+@njit(**_JIT)
+def _sign_counts_tile(a, i0, planes, plane_off, csum, counts, dim, out):
+    """out[i0 + r, s] for the (up to 4) rows from i0: see _sign_counts_kernel."""
     nw = a.shape[1]
     ns = counts.shape[0]
     npl = planes.shape[0]
-    out = np.empty((n, ns), np.float32)
-    for blk in prange((n + _RB - 1) // _RB):
-        i0 = blk * _RB
-        m = min(_RB, n - i0)
-        acc = np.zeros((_RB, npl), np.int64)
-        ones = np.zeros(_RB, np.int64)
-        for r in range(m):
-            c = np.uint64(0)
+    m = min(_RB, a.shape[0] - i0)
+    acc = np.zeros((_RB, npl), np.int64)
+    ones = np.zeros(_RB, np.int64)
+    for r in range(m):
+        c = np.uint64(0)
+        for w in range(nw):
+            c += _popcount(a[i0 + r, w])
+        ones[r] = np.int64(c)
+    if m == 4:
+        for p in range(npl):
+            c0 = np.uint64(0)
+            c1 = np.uint64(0)
+            c2 = np.uint64(0)
+            c3 = np.uint64(0)
             for w in range(nw):
-                c += _popcount(a[i0 + r, w])
-            ones[r] = np.int64(c)
-        if m == 4:
-            for p in range(npl):
-                c0 = np.uint64(0)
-                c1 = np.uint64(0)
-                c2 = np.uint64(0)
-                c3 = np.uint64(0)
-                for w in range(nw):
-                    y = planes[p, w]
-                    c0 += _popcount(a[i0, w] & y)
-                    c1 += _popcount(a[i0 + 1, w] & y)
-                    c2 += _popcount(a[i0 + 2, w] & y)
-                    c3 += _popcount(a[i0 + 3, w] & y)
-                acc[0, p] = np.int64(c0)
-                acc[1, p] = np.int64(c1)
-                acc[2, p] = np.int64(c2)
-                acc[3, p] = np.int64(c3)
-        else:
-            for r in range(m):
-                for p in range(npl):
-                    c = np.uint64(0)
-                    for w in range(nw):
-                        c += _popcount(a[i0 + r, w] & planes[p, w])
-                    acc[r, p] = np.int64(c)
+                y = planes[p, w]
+                c0 += _popcount(a[i0, w] & y)
+                c1 += _popcount(a[i0 + 1, w] & y)
+                c2 += _popcount(a[i0 + 2, w] & y)
+                c3 += _popcount(a[i0 + 3, w] & y)
+            acc[0, p] = np.int64(c0)
+            acc[1, p] = np.int64(c1)
+            acc[2, p] = np.int64(c2)
+            acc[3, p] = np.int64(c3)
+    else:
         for r in range(m):
-            for s in range(ns):
-                t = np.int64(0)
-                for k in range(plane_off[s], plane_off[s + 1]):
-                    t += acc[r, k] << (k - plane_off[s])
-                mismatches = csum[s] + counts[s] * ones[r] - 2 * t
-                out[i0 + r, s] = (counts[s] * dim - 2 * mismatches) / (counts[s] * np.float64(dim))
+            for p in range(npl):
+                c = np.uint64(0)
+                for w in range(nw):
+                    c += _popcount(a[i0 + r, w] & planes[p, w])
+                acc[r, p] = np.int64(c)
+    for r in range(m):
+        for s in range(ns):
+            t = np.int64(0)
+            for k in range(plane_off[s], plane_off[s + 1]):
+                t += acc[r, k] << (k - plane_off[s])
+            mismatches = csum[s] + counts[s] * ones[r] - 2 * t
+            out[i0 + r, s] = (counts[s] * dim - 2 * mismatches) / (counts[s] * np.float64(dim))
+
+
+@njit(**_PJIT)
+def _sign_counts_kernel(a, planes, plane_off, csum, counts, dim):
+    """out[i, s] = mean over subtask s of <a[i], v> / dim, from bit-sliced vote counts."""
+    out = np.empty((a.shape[0], counts.shape[0]), np.float32)
+    for blk in prange((a.shape[0] + _RB - 1) // _RB):
+        _sign_counts_tile(a, blk * _RB, planes, plane_off, csum, counts, dim, out)
+    return out
+
+
+@njit(**_JIT)
+def _sign_counts_serial(a, planes, plane_off, csum, counts, dim):
+    """_sign_counts_kernel on the calling thread alone (see single_threaded)."""
+    out = np.empty((a.shape[0], counts.shape[0]), np.float32)
+    for blk in range((a.shape[0] + _RB - 1) // _RB):
+        _sign_counts_tile(a, blk * _RB, planes, plane_off, csum, counts, dim, out)
     return out
 
 
@@ -536,6 +582,16 @@ def _int_dot_kernel(a, planes, qcorr, bits):
         i0 = blk * _RB
         i1 = min(i0 + _RB, na)
         _int_block(a, i0, planes, qcorr, bits, out[i0:i1])
+    return out
+
+
+@njit(**_JIT)
+def _int_dot_serial(a, planes, qcorr, bits):
+    """_int_dot_kernel on the calling thread alone (see single_threaded)."""
+    na = a.shape[0]
+    out = np.empty((na, planes.shape[0]), np.int32)
+    for i0 in range(0, na, _RB):
+        _int_block(a, i0, planes, qcorr, bits, out[i0:min(i0 + _RB, na)])
     return out
 
 
@@ -731,7 +787,8 @@ class SignSubtasks:
         """float32 (n, S): mean over v in subtask s of <row, v> / dim."""
         rows = _rows(rows, "rows", self.dim, 1)
         _check_pair(rows, self.vals)
-        return _sign_counts_kernel(_words(rows), self.planes, self.offsets, self.csum, self.counts,
+        kernel = _sign_counts_serial if _single() else _sign_counts_kernel
+        return kernel(_words(rows), self.planes, self.offsets, self.csum, self.counts,
                                    self.dim)
 
 
@@ -777,7 +834,8 @@ def float_dot(rows, enc: Encoding | str, dim: int, queries) -> np.ndarray:
             f"{enc.row_bytes(dim)}")
     q = np.ascontiguousarray(q)
     if enc.is_float:
-        return _float_dot_kernel(rows, q, int(dim), int(enc.kind == "f16"))
+        kernel = _float_dot_serial if _single() else _float_dot_kernel
+        return kernel(rows, q, int(dim), int(enc.kind == "f16"))
     n = rows.shape[0]
     out = np.empty((n, q.shape[0]), np.float32)
     buf = np.empty((min(n, _FLOAT_BLOCK), dim), np.float32)
@@ -842,7 +900,7 @@ class IntQueries:
             raise SchemaMismatchError(
                 f"rows: {rows.shape[1]} bytes per row, but {self.enc.name} at dim {self.dim} stores "
                 f"{self.planes.shape[2]}")
-        d = _int_dot_kernel(rows, self.planes, self.qcorr, self.enc.bits)
+        d = (_int_dot_serial if _single() else _int_dot_kernel)(rows, self.planes, self.qcorr, self.enc.bits)
         t = _LIMB * d[:, :self.nq].astype(np.int64) + d[:, self.nq:]
         if self.enc.kind == "sign":
             t = 2 * t - self.sums

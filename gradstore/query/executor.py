@@ -8,8 +8,12 @@ AGG and COMBINE. Memory is the block buffers plus the k best rows, whatever the 
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 
 from .. import kernels
@@ -198,16 +202,44 @@ class _Scorer:
         return _COMBINE[plan.query.combine](np.stack(per_task), axis=0).astype(np.float32)
 
 
+def _scored(score: _Scorer, steps: Iterable[tuple]) -> Iterator[tuple[tuple, np.ndarray]]:
+    """(step, scores of step[1], the blocks) in order, blocks spread over numba's thread count.
+
+    Each worker scores whole blocks on its own thread (kernels.single_threaded), so no block
+    waits at a parallel barrier; at most two blocks per worker are in flight, each a view into
+    the read transaction that the `steps` generator keeps open until it is exhausted.
+    """
+    threads = numba.get_num_threads()
+    if threads == 1:
+        for step in steps:
+            yield step, score(step[1])
+        return
+
+    def work(blocks):
+        with kernels.single_threaded():
+            return score(blocks)
+
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque = deque()
+        for step in steps:
+            pending.append((step, pool.submit(work, step[1])))
+            if len(pending) > 2 * threads:
+                step0, fut = pending.popleft()
+                yield step0, fut.result()
+        while pending:
+            step0, fut = pending.popleft()
+            yield step0, fut.result()
+
+
 def execute(store, plan: Plan) -> Result:
     first = plan.stages[0]
-    score = _Scorer(store, plan, first)
     where = plan.query.where
     top = _TopK(first.keep) if first.keep is not None else None
     all_scores = [] if top is None else None
 
-    for start, blocks, metas in store.scan(plan.set_name, plan.checkpoints, first.encoding,
-                                          with_rows=where is not None, limit=plan.n_rows):
-        scores = score(blocks)
+    steps = store.scan(plan.set_name, plan.checkpoints, first.encoding, with_rows=where is not None,
+                       limit=plan.n_rows)
+    for (start, _, metas), scores in _scored(_Scorer(store, plan, first), steps):
         n = len(scores)
         rows = np.arange(start, start + n, dtype=np.int64)
         if where is not None:
@@ -234,8 +266,8 @@ def execute(store, plan: Plan) -> Result:
 def _rerank(store, plan: Plan, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The final stage over the shortlist's rows only, read in row order block by block."""
     stage = plan.final
-    score = _Scorer(store, plan, stage)
     top = _TopK(stage.keep)
-    for picked, blocks in store.scan_rows(plan.set_name, plan.checkpoints, stage.encoding, rows):
-        top.push(score(blocks), picked)
+    steps = store.scan_rows(plan.set_name, plan.checkpoints, stage.encoding, rows)
+    for (picked, _), scores in _scored(_Scorer(store, plan, stage), steps):
+        top.push(scores, picked)
     return top.best()
