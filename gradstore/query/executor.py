@@ -2,7 +2,10 @@
 
 score(z) = COMBINE_t AGG_s mean_{v in s} sum_i w_i cos(G_i(z), V_i(v)). Per block the
 scorer accumulates, for every task, a (rows x subtasks) array over checkpoints, then applies
-AGG and COMBINE. Memory is the block buffers plus the k best rows, whatever the pool size.
+AGG and COMBINE. Blocks are scored on a small thread pool, results consumed in row order.
+A two-stage plan keeps a shortlist (row numbers and scores) from the first scan, then reads
+only those rows again for the second. Memory is the blocks in flight plus the rows kept,
+whatever the pool size.
 """
 
 from __future__ import annotations
