@@ -38,7 +38,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import LESS_LRS, STORES_DIR, Shape, build_stores, machine, print_machine, print_table, write_json
+from common import (
+    LESS_LRS,
+    STORES_DIR,
+    Shape,
+    build_stores,
+    machine,
+    print_machine,
+    print_table,
+    write_json,
+)
 
 import gradstore
 
