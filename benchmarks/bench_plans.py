@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
             rows[LESS] = top
             best[LESS] = min(best[LESS], (wall, cpu))
         for label, text, _ in paths:
-            wall, cpu, res = timed(lambda: store.query(text))
+            wall, cpu, res = timed(lambda text=text: store.query(text))
             rows[label] = res.rows
             best[label] = min(best[label], (wall, cpu))
             print(f"  {label}: {wall:.3f} s", flush=True)
