@@ -138,12 +138,12 @@ class Plan:
                       f"KERNEL     {KERNEL_TEXT[self.kernel]}"]
         else:
             first, second = self.stages
-            lines += [f"SCAN       {self.set_name}: {self.n_rows} rows in blocks, a shortlist of"
-                      f" {first.keep} ({first.keep / self.k:.4g} x k) by a bounded heap",
+            lines += [(f"SCAN       {self.set_name}: {self.n_rows} rows in blocks, a shortlist of"
+                       f" {first.keep} ({first.keep / self.k:.4g} x k) by a bounded heap"),
                       f"ENCODING   {first.encoding} ({first.mode})",
                       f"KERNEL     {KERNEL_TEXT[first.kernel]}",
-                      f"RERANK     the shortlist's {first.keep} rows x {len(self.checkpoints)}"
-                      f" checkpoints read again in row order, block by block; {keep}",
+                      (f"RERANK     the shortlist's {first.keep} rows x {len(self.checkpoints)}"
+                       f" checkpoints read again in row order, block by block; {keep}"),
                       f"ENCODING   {second.encoding} ({second.mode})",
                       f"KERNEL     {KERNEL_TEXT[second.kernel]}"]
         weights = ", ".join(f"{c}={w:.4g}" for c, w in zip(self.checkpoints, self.weights))
