@@ -83,8 +83,12 @@ class LessScorer:
         order = [i for n in names for i, s in enumerate(subs) if s == n]  # LESS: grouped by subtask
         self.n_sub = len(names)
         self.train, self.val = [], []
+        n, dim = store.n_rows("train", ckpts), store.dim
         for c in ckpts:
-            self.train.append(torch.from_numpy(_normalized(store.vectors("train", c, "f32"))))
+            rows = np.empty((n, dim), np.float32)  # filled block by block: one copy in memory
+            for start, (blk,), _ in store.scan("train", [c], "f32"):
+                rows[start:start + len(blk.norm)] = _normalized(blk.payload.view("<f4")[:, :dim])
+            self.train.append(torch.from_numpy(rows))
             self.val.append(torch.from_numpy(_normalized(store.vectors("mmlu", c, "f32")[order])))
 
     def top(self, k: int) -> np.ndarray:
