@@ -248,6 +248,8 @@ def test_two_stage_where_percentage_counts_rows_that_pass(store):
 def test_rerank_errors(store, tmp_path):
     with pytest.raises(UnknownNameError, match="set 'train' has no encoding 'absmax8-centered'"):
         store.query("TOP 5 FROM train BY mmlu RERANK absmax8-centered")
+    with pytest.raises(UnknownNameError, match="set 'train' has no encoding 'absmax4-global'; it holds:"):
+        store.query("EXPLAIN TOP 5 FROM train BY mmlu ENCODING absmax4-global RERANK absmax8")
     st = gradstore.create(tmp_path / "f", dim=8)
     st.add_checkpoint("e1", lr=1)
     st.write("train", "e1", np.eye(8, dtype=np.float32), list("abcdefgh"), encodings=["f16", "absmax8"])

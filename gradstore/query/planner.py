@@ -224,6 +224,7 @@ def _stages(query: Query, set_info: dict, task_infos: dict, k: int | None, pool:
             raise UnknownNameError(
                 f"RERANK needs a shortlist encoding: set {query.set_name!r} holds no 1-bit encoding"
                 f" ({', '.join(held)}); name one with ENCODING")
+        _check_held(query.set_name, held, first)
         rerank, oversample = query.rerank, query.oversample or DEFAULT_OVERSAMPLE
     else:
         first = _choose_encoding(query, set_info)
@@ -234,16 +235,15 @@ def _stages(query: Query, set_info: dict, task_infos: dict, k: int | None, pool:
             first = default if rerank is not None else first
         oversample = DEFAULT_OVERSAMPLE
     if rerank is None:
-        return (_stage(first, query.mode, query, task_infos, k),)
+        return (_stage(first, query.mode, task_infos, k),)
     shortlist = min(pool, math.ceil(oversample * k))
     if shortlist >= pool:
         notes.append(f"a shortlist of {oversample:g} x {k} rows would hold every row: one stage")
-        return (_stage(rerank, "asymmetric", query, task_infos, k),)
-    return (_stage(first, query.mode, query, task_infos, shortlist),
-            _stage(rerank, "asymmetric", query, task_infos, k))
+        return (_stage(rerank, "asymmetric", task_infos, k),)
+    return (_stage(first, query.mode, task_infos, shortlist), _stage(rerank, "asymmetric", task_infos, k))
 
 
-def _stage(encoding: str, mode: str | None, query: Query, task_infos: dict, keep: int | None) -> Stage:
+def _stage(encoding: str, mode: str | None, task_infos: dict, keep: int | None) -> Stage:
     enc = parse_encoding(encoding)
     mode = mode or ("symmetric" if enc.kind == "sign" else "asymmetric")
     if enc.is_float and mode == "symmetric":
