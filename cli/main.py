@@ -16,6 +16,7 @@ from gradstore.query import compose
 from gradstore.query.planner import Plan
 
 from .output import emit, note, output_options, silent_option, store_option
+from .params import CONDITION, ENCODING, ENCODINGS, FLOATS, SELECTION_SIZE, SHARD
 
 
 def handle_errors(fn):
@@ -45,15 +46,16 @@ def cli() -> None:
 @cli.command()
 @click.argument("query_text", required=False, metavar="[QUERY]")
 @click.option("--task", "-t", "tasks", multiple=True, help="Target task set (repeatable).")
-@click.option("--k", "k", default="5%", show_default=True, help="How many to select: a count or a percentage.")
+@click.option("--k", "k", default="5%", show_default=True, type=SELECTION_SIZE,
+              help="How many to select: a count or a percentage.")
 @click.option("--set", "set_name", help="Training set to select from (default: the store's only one).")
-@click.option("--encoding", help="Encoding to score with (default: chosen by the planner).")
+@click.option("--encoding", type=ENCODING, help="Encoding to score with (default: chosen by the planner).")
 @click.option("--mode", type=click.Choice(["symmetric", "asymmetric"]), help="Quantize the task side too?")
 @click.option("--agg", type=click.Choice(["max", "mean"]), help="Across subtasks (LESS: max, QLESS: mean).")
 @click.option("--combine", type=click.Choice(["mean", "max", "sum"]), help="Across several tasks.")
 @click.option("--checkpoints", help="Comma-separated checkpoint names (default: all).")
 @click.option("--weight", type=click.Choice(["lr", "uniform"]), help="Checkpoint weights.")
-@click.option("--where", help="Filter on row metadata, e.g. \"source = 'dolly'\".")
+@click.option("--where", type=CONDITION, help="Filter on row metadata, e.g. \"source = 'dolly'\".")
 @click.option("--explain", is_flag=True, help="Print the plan; do not scan.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the selected source records here (JSONL).")
 @store_option()
@@ -86,6 +88,8 @@ def query(query_text, tasks, k, set_name, encoding, mode, agg, combine, checkpoi
         if isinstance(result, Plan):
             click.echo(str(result))
             return
+        for line in result.plan.notes:
+            note(line, silent)
         note(f"{len(result)} rows selected by: {result.plan.query.to_text()}", silent)
         emit(result.to_dicts(), fmt, ["rank", "id", "score", "source", "category", "subtask"]
              if fmt == "table" else None)
@@ -124,10 +128,6 @@ def info(store_path, fmt):
                  for name, st in summary["sets"].items() for c, norm in st["centroid_norms"].items()]
     if centroids:
         emit(centroids, fmt)
-
-
-def _csv_list(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 def model_options(fn):
@@ -192,15 +192,16 @@ def warmup(data, out_dir, percentage, epochs, lr, lora_r, lora_alpha, lora_dropo
               help="LESS's data folder for built-in tasks (holds eval/mmlu, eval/bbh, eval/tydiqa).")
 @click.option("--checkpoint", "checkpoints", multiple=True, required=True,
               type=click.Path(exists=True, file_okay=False), help="LoRA checkpoint folder (repeatable).")
-@click.option("--lr", "lrs", help="Comma-separated learning rates, one per checkpoint (default: from qless_checkpoint.json).")
+@click.option("--lr", "lrs", type=FLOATS, help="Comma-separated learning rates, one per checkpoint (default: from qless_checkpoint.json).")
 @model_options
-@click.option("--encodings", default=",".join(DEFAULT_ENCODINGS), show_default=True, help="Comma-separated encodings to store.")
+@click.option("--encodings", default=",".join(DEFAULT_ENCODINGS), show_default=True, type=ENCODINGS,
+              help="Comma-separated encodings to store.")
 @click.option("--dim", default=8192, show_default=True, help="Projection dimension.")
 @click.option("--projection", type=click.Choice(["sparse-rademacher", "dense-rademacher"]),
               default="sparse-rademacher", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Projection seed.")
 @click.option("--batch-size", default=32, show_default=True, help="Rows per store transaction.")
-@click.option("--shard", help="i/n: ingest the i-th of n contiguous shards (default: from torchrun/accelerate).")
+@click.option("--shard", type=SHARD, help="i/n: ingest the i-th of n contiguous shards (default: from torchrun/accelerate).")
 @store_option()
 @silent_option
 @handle_errors
@@ -220,10 +221,9 @@ def ingest(data, set_name, task, data_dir, checkpoints, lrs, model, dtype, quant
 
     read_report, report = ingest_files(
         store_path, checkpoints, model, data=data, set_name=set_name, task=task, data_dir=data_dir,
-        lrs=[float(x) for x in _csv_list(lrs)] if lrs else None, max_length=max_length,
-        chat_format=chat_format, skip_invalid=skip_invalid, encodings=_csv_list(encodings), dim=dim,
-        projection=projection,
-        seed=seed, dtype=dtype, quant=quant, batch_size=batch_size, shard=parse_shard(shard),
+        lrs=lrs, max_length=max_length, chat_format=chat_format, skip_invalid=skip_invalid,
+        encodings=encodings, dim=dim, projection=projection, seed=seed, dtype=dtype, quant=quant,
+        batch_size=batch_size, shard=shard or parse_shard(None),
         progress=not silent)
     if read_report is not None:
         note(read_report.summary(), silent)
@@ -270,8 +270,8 @@ def merge(sources, out, fmt, silent):
 
 @cli.command()
 @click.option("--set", "set_name", help="Set to requantize (default: every set).")
-@click.option("--to", "to", required=True, help="Comma-separated encodings to derive, e.g. absmax4,sign1-global.")
-@click.option("--from", "source", help="Encoding to derive from (default: the best float the set holds).")
+@click.option("--to", "to", required=True, type=ENCODINGS, help="Comma-separated encodings to derive, e.g. absmax4,sign1-global.")
+@click.option("--from", "source", type=ENCODING, help="Encoding to derive from (default: the best float the set holds).")
 @click.option("--allow-lossy", is_flag=True, help="Allow deriving from a quantized encoding.")
 @click.option("--replace", is_flag=True, help="Rebuild encodings the set already holds.")
 @click.option("--recenter", is_flag=True,
@@ -298,7 +298,7 @@ def requantize(set_name, to, source, allow_lossy, replace, recenter, store_path,
     from gradstore import ops
 
     with gradstore.open(store_path, readonly=False) as store:
-        done = ops.requantize(store, set_name, to=_csv_list(to), source=source, allow_lossy=allow_lossy,
+        done = ops.requantize(store, set_name, to=to, source=source, allow_lossy=allow_lossy,
                               replace=replace, recenter=recenter, progress=_progress(silent))
     note(f"derived {len(done)} encodings", silent)
     emit([{"set": d["set"], "encoding": d["encoding"], "from": d["from"],
@@ -309,9 +309,10 @@ def requantize(set_name, to, source, allow_lossy, replace, recenter, store_path,
 @cli.command()
 @click.argument("queries", nargs=-1, metavar="[QUERY_A QUERY_B]")
 @click.option("--task", "-t", "tasks", multiple=True, help="Task to score with --a/--b encodings (repeatable).")
-@click.option("--a", "enc_a", help="First encoding.")
-@click.option("--b", "enc_b", help="Second encoding.")
-@click.option("--k", "k", default="5%", show_default=True, help="Top k for the overlap: a count or a percentage.")
+@click.option("--a", "enc_a", type=ENCODING, help="First encoding.")
+@click.option("--b", "enc_b", type=ENCODING, help="Second encoding.")
+@click.option("--k", "k", default="5%", show_default=True, type=SELECTION_SIZE,
+              help="Top k for the overlap: a count or a percentage.")
 @click.option("--set", "set_name", help="Training set (default: the store's only one).")
 @store_option()
 @output_options
@@ -399,9 +400,9 @@ def demo(store_path, silent):
 
 @cli.command()
 @click.option("--task", "-t", "tasks", multiple=True, required=True, help="Target task set (repeatable).")
-@click.option("--encodings", help="Encodings to compare (default: all the set holds); the selection"
+@click.option("--encodings", type=ENCODINGS, help="Encodings to compare (default: all the set holds); the selection"
               " shown is the first one's.")
-@click.option("--k", default="5%", show_default=True, help="Selection size: a count or a percentage.")
+@click.option("--k", default="5%", show_default=True, type=SELECTION_SIZE, help="Selection size: a count or a percentage.")
 @click.option("--set", "set_name", help="Training set (default: the store's only one).")
 @click.option("--by", "field", default="category", show_default=True, help="Row metadata field to break the selection down by.")
 @click.option("-o", "--out", "out_path", default="gradstore-plot.png", show_default=True, type=click.Path(dir_okay=False))
@@ -418,5 +419,5 @@ def plot(tasks, encodings, k, set_name, field, out_path, store_path, silent):
     from gradstore.plot import plot_selection
 
     with gradstore.open(store_path) as store:
-        plot_selection(store, out_path, tasks, _csv_list(encodings), k=k, set_name=set_name, field=field)
+        plot_selection(store, out_path, tasks, encodings, k=k, set_name=set_name, field=field)
     note(f"wrote {out_path}", silent)
