@@ -139,7 +139,7 @@ def model_options(fn):
         click.option("--max-length", default=2048, show_default=True, help="Truncate examples to this many tokens."),
         click.option("--chat-format", type=click.Choice(["tulu", "template"]), default="tulu", show_default=True,
                      help="Prompt format for pool and tasks alike: LESS's tulu text, or the tokenizer's chat template."),
-        click.option("--skip-invalid", is_flag=True, help="Skip bad lines (reported at the end) instead of stopping."),
+        click.option("--skip-invalid", is_flag=True, help="Skip malformed lines (reported at the end) instead of stopping."),
     ]):
         fn = option(fn)
     return fn

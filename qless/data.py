@@ -19,7 +19,9 @@ Message contents are stripped in both formats, as LESS's ``concat_messages`` doe
 
 Ids are the record's ``id`` field, else the sha1 of the record's canonical JSON, so an example
 keeps its id wherever its line moves. Bad lines raise `DataError` (``file.jsonl:17: reason``),
-or with ``skip_invalid=True`` are skipped and listed in a `ReadReport`.
+or with ``skip_invalid=True`` are skipped and listed in a `ReadReport`. A pool record whose
+prompt fills ``max_length`` is valid but leaves no response token: it is always skipped and
+listed.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class DataError(ValueError):
         super().__init__(f"{location}: {reason}")
         self.location = location
         self.reason = reason
+
+
+class ResponseTruncatedError(ValueError):
+    "Truncation to max_length left a valid record no response token to learn from."
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ class Example:
 
 @dataclass(frozen=True)
 class Skipped:
-    "One line left out under ``skip_invalid``."
+    "One line left out: malformed (under ``skip_invalid``) or truncated to no response."
 
     file: str
     line: int
@@ -315,7 +321,7 @@ def _encode(
             parsed.prompt, parsed.completion, tokenizer, max_length
         )
     if all(label == IGNORE_INDEX for label in labels):
-        raise ValueError(f"no response tokens left after truncation to {max_length} tokens")
+        raise ResponseTruncatedError(f"no response tokens left after truncation to {max_length} tokens")
     return input_ids, labels
 
 
@@ -406,7 +412,11 @@ def _iter_examples(
                     raise ValueError(f"duplicate id {rid!r} (first at {fname}:{fline})")
                 input_ids, labels = _encode(parsed, tokenizer, max_length, chat_format)
             except ValueError as e:
-                if not skip_invalid:
+                # A prompt that fills max_length is valid data with nothing left to learn (a real
+                # Dolly row with a 9,012-character context at 2,048 tokens): a pool skips and
+                # lists it unasked; a task keeps every row or stops, so its subtasks stay whole.
+                truncated = task is None and isinstance(e, ResponseTruncatedError)
+                if not (skip_invalid or truncated):
                     raise DataError(f"{name}:{line}", str(e)) from None
                 report.skipped.append(Skipped(name, line, str(e)))
                 continue

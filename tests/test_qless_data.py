@@ -192,11 +192,19 @@ def test_truncation_keeps_a_prefix_and_reports_a_cut_response(tok, tmp_path):
     assert cut.labels == full.labels[:40]
     assert 0 < cut.metadata["n_response_tokens"] < full.metadata["n_response_tokens"]
     n_prompt = full.labels.index(next(x for x in full.labels if x != IGNORE_INDEX))
+    # A prompt that fills max_length is valid data: skipped and listed without skip_invalid.
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"id": "y", "prompt": "p", "completion": "x"}, "[1]"])
     with pytest.raises(DataError) as e:
-        read_pool(p, tok, max_length=n_prompt)
-    assert str(e.value) == f"{p}:1: no response tokens left after truncation to {n_prompt} tokens"
-    examples, report = read_pool(p, tok, max_length=n_prompt, skip_invalid=True)
-    assert examples == [] and report.skipped[0].reason.startswith("no response tokens left")
+        read_pool([p, bad], tok, max_length=n_prompt)
+    assert str(e.value) == f"{bad}:2: not a JSON object"
+    examples, report = read_pool([p, bad], tok, max_length=n_prompt, skip_invalid=True)
+    assert [x.id for x in examples] == ["y"]
+    assert [str(s) for s in report.skipped] == [
+        f"{p}:1: no response tokens left after truncation to {n_prompt} tokens", f"{bad}:2: not a JSON object"]
+    examples, report = read_pool(p, tok, max_length=n_prompt)
+    assert examples == [] and report.summary() == (
+        f"read 0 examples from 1 records, skipped 1:\n"
+        f"  {p}:1: no response tokens left after truncation to {n_prompt} tokens")
 
 
 # ---------------------------------------------------------------------------------------------
