@@ -192,7 +192,8 @@ def warmup(data, out_dir, percentage, epochs, lr, lora_r, lora_alpha, lora_dropo
               help="LESS's data folder for built-in tasks (holds eval/mmlu, eval/bbh, eval/tydiqa).")
 @click.option("--checkpoint", "checkpoints", multiple=True, required=True,
               type=click.Path(exists=True, file_okay=False), help="LoRA checkpoint folder (repeatable).")
-@click.option("--lr", "lrs", type=FLOATS, help="Comma-separated learning rates, one per checkpoint (default: from qless_checkpoint.json).")
+@click.option("--lr", "lrs", type=FLOATS, help="Comma-separated learning rates, one per checkpoint (default: the folder's"
+              " qless_checkpoint.json, or the mean lr a Trainer's trainer_state.json logged in the epoch).")
 @model_options
 @click.option("--encodings", default=",".join(DEFAULT_ENCODINGS), show_default=True, type=ENCODINGS,
               help="Comma-separated encodings to store.")

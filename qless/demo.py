@@ -20,8 +20,9 @@ import gradstore
 from gradstore.encodings import DEFAULT_ENCODINGS
 from gradstore.ops import compare
 
+from .checkpoint import Checkpoint
 from .data import load_line, read_pool, sample_fraction
-from .ingest import Checkpoint, ingest
+from .ingest import ingest
 from .model import attach_lora, load_model, load_tokenizer
 from .selection import read_record_line
 from .tasks import DEMO_POOL_FILE, DEMO_TASKS, load_task

@@ -24,23 +24,11 @@ import gradstore
 from gradstore.encodings import DEFAULT_ENCODINGS
 from gradstore.errors import SchemaMismatchError
 
+from .checkpoint import Checkpoint, read_checkpoints
 from .gradients import GradientComputer
 from .model import load_adapter, load_model, lora_config_dict, model_identity
 from .optimizer_state import load_optimizer_state
 from .projection import DEFAULT_DIM, make_projection
-
-CHECKPOINT_INFO = "qless_checkpoint.json"
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A LoRA checkpoint folder and the learning rate that weights it."""
-
-    name: str
-    path: str
-    lr: float
-    step: int | None = None
-    epoch: int | None = None
 
 
 @dataclass
@@ -77,28 +65,6 @@ def shard_slice(items: Sequence, shard: tuple[int, int]) -> Sequence:
     i, n = shard
     size = len(items)
     return items[i * size // n:(i + 1) * size // n]
-
-
-def read_checkpoints(paths: Sequence[str], lrs: Sequence[float] | None = None) -> list[Checkpoint]:
-    """Checkpoints with their lr: from `qless_checkpoint.json` (our warmup), else `lrs`."""
-    from .warmup import read_checkpoint_info
-
-    if lrs is not None and len(lrs) != len(paths):
-        raise ValueError(f"{len(lrs)} learning rates for {len(paths)} checkpoints")
-    out = []
-    for i, path in enumerate(paths):
-        p = Path(path)
-        if not p.is_dir():
-            raise FileNotFoundError(f"{path}: no such checkpoint folder")
-        if lrs is not None:
-            out.append(Checkpoint(p.name, str(p.resolve()), float(lrs[i])))
-        elif (p / CHECKPOINT_INFO).is_file():
-            info = read_checkpoint_info(p)
-            out.append(Checkpoint(info.get("name", p.name), str(p.resolve()), float(info["lr"]),
-                                  info.get("step"), info.get("epoch")))
-        else:
-            raise ValueError(f"{path}: no {CHECKPOINT_INFO}; give the checkpoints' learning rates (--lr)")
-    return out
 
 
 def open_or_create(store_path, dim: int, projection: dict, model: dict, lora: dict) -> gradstore.Store:
