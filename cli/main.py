@@ -16,7 +16,7 @@ from gradstore.query import compose
 from gradstore.query.planner import Plan
 
 from .output import emit, note, output_options, silent_option, store_option
-from .params import CONDITION, ENCODING, ENCODINGS, FLOATS, SELECTION_SIZE, SHARD
+from .params import CONDITION, ENCODING, ENCODINGS, FLOATS, SELECTION_SIZE, SHARD, requires
 
 
 def handle_errors(fn):
@@ -172,7 +172,8 @@ def warmup(data, out_dir, percentage, epochs, lr, lora_r, lora_alpha, lora_dropo
 
         gradstore warmup --data pool.jsonl --out warmup --percentage 0.05 --epochs 4
     """
-    from qless.warmup import warmup_files
+    with requires("qless"):
+        from qless.warmup import warmup_files
 
     report, infos = warmup_files(
         data, out_dir, model, percentage=percentage, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
@@ -218,7 +219,8 @@ def ingest(data, set_name, task, data_dir, checkpoints, lrs, model, dtype, quant
 
         gradstore ingest --task mmlu --data-dir ../shared/data --checkpoint warmup/epoch-1
     """
-    from qless.ingest import ingest_files, parse_shard
+    with requires("qless"):
+        from qless.ingest import ingest_files, parse_shard
 
     read_report, report = ingest_files(
         store_path, checkpoints, model, data=data, set_name=set_name, task=task, data_dir=data_dir,
@@ -426,7 +428,8 @@ def demo(store_path, silent):
 
         gradstore demo --store ./gradstore-demo
     """
-    from qless.demo import run_demo
+    with requires("qless"):
+        from qless.demo import run_demo
 
     run_demo(store_path, echo=click.echo, progress=not silent)
 
@@ -449,7 +452,9 @@ def plot(tasks, encodings, k, set_name, field, out_path, store_path, silent):
 
         gradstore plot --task mmlu --encodings f16,absmax8,sign1-centered --by source -o mmlu.png
     """
-    from gradstore.plot import plot_selection
+    with requires("plot"):
+        import matplotlib  # noqa: F401  (plot_selection imports it when it draws)
+    from .plot import plot_selection
 
     with gradstore.open(store_path) as store:
         plot_selection(store, out_path, tasks, encodings, k=k, set_name=set_name, field=field)

@@ -1,4 +1,6 @@
-"""Option value types: a bad value is a usage error (exit 2) that names the option and what it takes.
+"""Option value types, and the import guard of the optional parts (qless, plot).
+
+A bad option value is a usage error (exit 2) that names the option and what it takes.
 
 Each type checks its value with the library function that owns the format, so the CLI states
 no grammar of its own; without them a bad `--k 5%x` surfaced as a position in a query the
@@ -7,11 +9,23 @@ user never wrote (issue 14).
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
 from gradstore.encodings import parse_encoding
 from gradstore.errors import GradstoreError
 from gradstore.query import parse_condition, parse_size
+
+
+@contextlib.contextmanager
+def requires(extra: str):
+    """Imports of an optional part: a missing package is a one-line error naming the extra."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(
+            f"{exc.name} is not installed; this command needs pip install 'gradstore[{extra}]'") from None
 
 
 class SelectionSize(click.ParamType):
@@ -85,7 +99,8 @@ class Shard(click.ParamType):
     name = "i/n"
 
     def convert(self, value, param, ctx):
-        from qless.ingest import parse_shard
+        with requires("qless"):
+            from qless.ingest import parse_shard
 
         try:
             return parse_shard(value)

@@ -164,7 +164,7 @@ def test_plot_writes_a_png_with_the_selection_shares(store_path, tmp_path):
     result = run("plot", "--store", store_path, "-t", "mmlu", "--k", "10", "--by", "source", "-o", str(out))
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from gradstore.plot import plot_selection
+    from gradstore_cli.plot import plot_selection
 
     with gradstore.open(store_path) as st:
         numbers = plot_selection(st, tmp_path / "q.png", ["mmlu"], ["f16", "sign1"], k="10", field="source")
