@@ -12,8 +12,8 @@
 - ``compare(store, a, b, ...)``: how well two encodings or two queries agree: Spearman
   correlation of their scores over every row and the overlap of their top k.
 - ``check(store, fix=False)``: verify every block (framing, crc32), that blocks cover exactly
-  the rows `written` says, that the rows and ids indexes agree; ``fix`` keeps what verifies
-  and drops the rest, saying what it dropped.
+  the rows `written` says, that every row metadata chunk is whole and no id repeats; ``fix``
+  keeps what verifies and drops the rest, saying what it dropped.
 
 Long operations take `progress`: a callable (total=, desc=) -> an object with update(n) and
 close(), which tqdm fits; the default shows nothing. The library never prints.
@@ -565,8 +565,8 @@ def check(store, fix: bool = False, progress: Callable | None = None) -> CheckRe
     later row of that (set, checkpoint) untrustworthy: fix cuts `written` back to the first
     bad row, for every encoding, so the store stays one consistent prefix per checkpoint and a
     resumed ingest recomputes exactly what was dropped. Orphan blocks (a killed requantize
-    leaves some) and orphan rows are deleted; the ids index is rebuilt from the rows. Do not
-    run fix while another process writes the store.
+    leaves some) and orphan rows are deleted. Do not run fix while another process writes the
+    store.
     """
     if fix and store.readonly:
         raise ReadOnlyError(f"{store.path}: store is open read-only; open it with readonly=False")

@@ -57,21 +57,21 @@ class ResponseTruncatedError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized example (see docs/CONTRACTS.md, "qless: examples flow").
+    """One tokenized example: what the readers yield and ingest turns into one store row.
 
     For records read from JSONL, ``offset``/``line`` locate the record's line. Task examples built
     from a JSON file (bbh, tydiqa) have ``offset = -1`` and ``line = 0``; mmlu rows carry the byte
     offset and first physical line of their CSV record.
     """
 
-    id: str
+    id: str  # the record's "id", else its content hash: never a line index
     input_ids: list[int]
-    labels: list[int]
-    source_file: str
-    offset: int
-    line: int
-    subtask: str | None = None
-    metadata: dict = field(default_factory=dict)
+    labels: list[int]  # IGNORE_INDEX on every non-response token
+    source_file: str  # absolute path
+    offset: int  # byte offset of the record's line in source_file
+    line: int  # 1-based line number
+    subtask: str | None = None  # task rows: the mmlu subject, bbh task or tydiqa language
+    metadata: dict = field(default_factory=dict)  # JSON-safe: source, category, tokens, ...
 
     def to_row(self) -> dict:
         """The row metadata the store keeps: everything but the token lists (JSON-safe)."""
