@@ -14,6 +14,7 @@ import gradstore
 from gradstore.encodings import DEFAULT_ENCODINGS
 from gradstore.query import compose
 from gradstore.query.planner import Plan
+from qless.data import DEFAULT_CHAT_FORMAT, DEFAULT_MAX_LENGTH  # torch-free: the engine install has it
 
 from .output import emit, note, output_options, silent_option, store_option
 from .params import CONDITION, ENCODING, ENCODINGS, FLOATS, SELECTION_SIZE, SHARD, requires
@@ -136,8 +137,10 @@ def model_options(fn):
         click.option("--model", default="smollm2-135m", show_default=True, help="HF folder, hub id or smollm2-135m."),
         click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True),
         click.option("--quant", type=click.Choice(["nf4", "int8"]), help="QLoRA base model via bitsandbytes."),
-        click.option("--max-length", default=2048, show_default=True, help="Truncate examples to this many tokens."),
-        click.option("--chat-format", type=click.Choice(["tulu", "template"]), default="tulu", show_default=True,
+        click.option("--max-length", default=DEFAULT_MAX_LENGTH, show_default=True,
+                     help="Truncate examples to this many tokens."),
+        click.option("--chat-format", type=click.Choice(["tulu", "template"]), default=DEFAULT_CHAT_FORMAT,
+                     show_default=True,
                      help="Prompt format for pool and tasks alike: LESS's tulu text, or the tokenizer's chat template."),
         click.option("--skip-invalid", is_flag=True, help="Skip malformed lines (reported at the end) instead of stopping."),
     ]):

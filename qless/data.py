@@ -10,8 +10,9 @@ Formats (one JSON object per line, detected per record):
 
 Chat formatting of messages (``chat_format``):
 - ``"template"``: the tokenizer's own chat template;
-- ``"tulu"``: LESS's ``concat_messages`` (``<|user|>\\n...\\n<|assistant|>\\n...EOS\\n``);
-- ``"auto"`` (default): the template when the tokenizer has one, else tulu.
+- ``"tulu"`` (`DEFAULT_CHAT_FORMAT`, as LESS): ``concat_messages``
+  (``<|user|>\\n...\\n<|assistant|>\\n...EOS\\n``);
+- ``"auto"``: the template when the tokenizer has one, else tulu.
 Either way labels are masked as LESS's ``encode_with_messages_format`` does: every token of a
 non-assistant message, including the next assistant header, is -100; what is left is each
 assistant reply plus its end-of-turn marker (EOS + newline for tulu, ``<|im_end|>\\n`` for ChatML).
@@ -38,6 +39,9 @@ import numpy as np
 
 IGNORE_INDEX = -100
 DEFAULT_MAX_LENGTH = 2048  # LESS's default max_seq_length
+# One prompt format for pools and tasks alike (LESS's): gradients of a pool and of its target
+# tasks in two formats are not comparable, so every reader and stage defaults to this one.
+DEFAULT_CHAT_FORMAT = "tulu"
 CHAT_FORMATS = ("auto", "template", "tulu")
 ROLES = ("system", "user", "assistant")
 
@@ -305,7 +309,8 @@ def encode_prompt_completion(
 
 
 def encode_record(
-    record: dict, tokenizer, max_length: int = DEFAULT_MAX_LENGTH, chat_format: str = "auto"
+    record: dict, tokenizer, max_length: int = DEFAULT_MAX_LENGTH,
+    chat_format: str = DEFAULT_CHAT_FORMAT,
 ) -> tuple[list[int], list[int]]:
     """Tokenize one record; raises ValueError(reason) for a bad record or no response left."""
     return _encode(_parse(record), tokenizer, max_length, chat_format)
@@ -439,7 +444,7 @@ def iter_pool(
     tokenizer,
     max_length: int = DEFAULT_MAX_LENGTH,
     skip_invalid: bool = False,
-    chat_format: str = "auto",
+    chat_format: str = DEFAULT_CHAT_FORMAT,
     report: ReadReport | None = None,
 ) -> Iterator[Example]:
     """Stream a pool's examples in file and line order; skipped lines go to ``report``."""
@@ -458,7 +463,7 @@ def read_pool(
     tokenizer,
     max_length: int = DEFAULT_MAX_LENGTH,
     skip_invalid: bool = False,
-    chat_format: str = "auto",
+    chat_format: str = DEFAULT_CHAT_FORMAT,
 ) -> tuple[list[Example], ReadReport]:
     """Read one or more JSONL files into examples (file and line order) and a report.
 

@@ -25,6 +25,7 @@ from gradstore.encodings import DEFAULT_ENCODINGS
 from gradstore.errors import SchemaMismatchError
 
 from .checkpoint import Checkpoint, read_checkpoints
+from .data import DEFAULT_CHAT_FORMAT, DEFAULT_MAX_LENGTH
 from .gradients import GradientComputer
 from .model import load_adapter, load_model, lora_config_dict, model_identity
 from .optimizer_state import load_optimizer_state
@@ -151,10 +152,8 @@ def ingest(store_path, examples: Sequence, set_name: str, checkpoints: Sequence[
 
 def _write(store, set_name, ckpt_name, kind, encodings, batch, vectors, report) -> int:
     t0 = time.perf_counter()
-    meta = [{**ex.metadata, "source_file": ex.source_file, "offset": ex.offset, "line": ex.line}
-            for ex in batch]
     n = store.write(set_name, ckpt_name, np.stack(vectors), [ex.id for ex in batch], kind=kind,
-                    encodings=encodings, metadata=meta,
+                    encodings=encodings, metadata=[ex.to_row() for ex in batch],
                     subtasks=[ex.subtask for ex in batch] if kind == "task" else None)
     report.seconds["write"] += time.perf_counter() - t0
     return n
@@ -162,13 +161,13 @@ def _write(store, set_name, ckpt_name, kind, encodings, batch, vectors, report) 
 
 def ingest_files(store_path, checkpoint_dirs: Sequence[str], model_name: str, data: Sequence[str] = (),
                  set_name: str = "train", task: str | None = None, data_dir: str | None = None,
-                 lrs: Sequence[float] | None = None, max_length: int = 2048, skip_invalid: bool = False,
-                 chat_format: str = "tulu", **options):
+                 lrs: Sequence[float] | None = None, max_length: int = DEFAULT_MAX_LENGTH,
+                 skip_invalid: bool = False, chat_format: str = DEFAULT_CHAT_FORMAT, **options):
     """Read a training pool (`data`) or a target task (`task`), then `ingest` it.
 
     A task is a built-in (mmlu, bbh, tydiqa from `data_dir`), a packaged demo task, or any name
     with `data` naming its JSONL file; its set is named after the task. Pools and tasks use the
-    same `chat_format` so their gradients are comparable (LESS: "tulu" for both). Returns the
+    same `chat_format` so their gradients are comparable. Returns the
     data read report (None for tasks) and the ingest report.
     """
     from .data import read_pool

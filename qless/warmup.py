@@ -62,7 +62,7 @@ from qless.checkpoint import (
     read_checkpoint_info,
     warn_if_untrained,
 )
-from qless.data import IGNORE_INDEX
+from qless.data import DEFAULT_CHAT_FORMAT, DEFAULT_MAX_LENGTH, IGNORE_INDEX
 from qless.model import lora_config_dict
 from qless.optimizer_state import (
     load_optimizer_state,
@@ -456,8 +456,9 @@ def warmup(
 
 def warmup_files(data: Sequence[str], out_dir: str | os.PathLike, model_name: str = "smollm2-135m",
                  percentage: float = 0.05, r: int = 128, alpha: float = 512, dropout: float = 0.1,
-                 dtype: str = "bf16", quant: str | None = None, max_length: int = 2048,
-                 chat_format: str = "tulu", skip_invalid: bool = False, seed: int = 0, **options):
+                 dtype: str = "bf16", quant: str | None = None, max_length: int = DEFAULT_MAX_LENGTH,
+                 chat_format: str = DEFAULT_CHAT_FORMAT, skip_invalid: bool = False, seed: int = 0,
+                 **options):
     """LESS step 1 from files: read the pool, sample `percentage` of it, train, checkpoint.
 
     Returns the data read report and the finished checkpoints' infos.
