@@ -27,7 +27,6 @@ import lmdb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gradstore
 from common import (
     STORES_DIR,
     Shape,
@@ -39,6 +38,8 @@ from common import (
     remove_store,
     write_json,
 )
+
+import gradstore
 
 ENCODINGS = ("absmax8", "absmax4", "absmax2", "sign1", "f16")
 BITS = {"f16": 16, "absmax8": 8, "absmax4": 4, "absmax2": 2, "sign1": 1}

@@ -14,7 +14,10 @@ import gradstore
 from gradstore.encodings import DEFAULT_ENCODINGS
 from gradstore.query import compose
 from gradstore.query.planner import Plan
-from qless.data import DEFAULT_CHAT_FORMAT, DEFAULT_MAX_LENGTH  # torch-free: the engine install has it
+from qless.data import (  # torch-free: the engine install has it
+    DEFAULT_CHAT_FORMAT,
+    DEFAULT_MAX_LENGTH,
+)
 
 from .output import emit, note, output_options, silent_option, store_option
 from .params import CONDITION, ENCODING, ENCODINGS, FLOATS, SELECTION_SIZE, SHARD, requires

@@ -8,7 +8,7 @@ encoding) beside its share of the whole pool, so enrichment is visible at a glan
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -144,7 +144,7 @@ def untrained(directory: str | os.PathLike) -> bool:
     if not file.is_file():
         return False  # no adapter file to judge by; loading it will say what is wrong
     with safe_open(str(file), framework="pt") as f:
-        names = [k for k in f.keys() if "lora_B" in k]
+        names = [k for k in f.keys() if "lora_B" in k]  # noqa: SIM118 (safe_open is no dict)
         return bool(names) and not any(f.get_tensor(k).any() for k in names)
 
 

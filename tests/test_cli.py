@@ -76,25 +76,25 @@ def test_explain_prints_the_plan(store_path):
     (["query", "TOP 5 FROM train BY"], 1, "Error: column 20: expected a task name after BY, found end of query\n"),
     # a bad option value is a usage error naming the option and what it takes (issue 14)
     (["query", "-t", "mmlu", "--encoding", "absmax3"], 2,
-     "Error: Invalid value for '--encoding': unknown encoding 'absmax3': expected one of f32, f16, absmax8,"
+     ("Error: Invalid value for '--encoding': unknown encoding 'absmax3': expected one of f32, f16, absmax8,"
      " absmax4, absmax2, absmean8, absmean4, absmean2, sign1 (quantized ones may add -global and/or"
-     " -centered)\n"),
+     " -centered)\n")),
     (["query", "-t", "mmlu", "--k", "5%x"], 2,
-     "Error: Invalid value for '--k': expected a positive count (such as 100) or a percentage greater"
-     " than 0 and at most 100 (such as 5%), not '5%x'\n"),
+     ("Error: Invalid value for '--k': expected a positive count (such as 100) or a percentage greater"
+     " than 0 and at most 100 (such as 5%), not '5%x'\n")),
     (["query", "-t", "mmlu", "--k", "150%"], 2,
-     "Error: Invalid value for '--k': expected a positive count (such as 100) or a percentage greater"
-     " than 0 and at most 100 (such as 5%), not '150%'\n"),
+     ("Error: Invalid value for '--k': expected a positive count (such as 100) or a percentage greater"
+     " than 0 and at most 100 (such as 5%), not '150%'\n")),
     (["query", "-t", "mmlu", "--where", "source = "], 2,
-     "Error: Invalid value for '--where': column 9: expected a value ('string', number, TRUE, FALSE or"
-     " NULL) after =, found end of query\n"),
+     ("Error: Invalid value for '--where': column 9: expected a value ('string', number, TRUE, FALSE or"
+     " NULL) after =, found end of query\n")),
     (["compare", "-t", "mmlu", "--a", "f16", "--b", "sign1", "--k", "0"], 2,
-     "Error: Invalid value for '--k': expected a positive count (such as 100) or a percentage greater"
-     " than 0 and at most 100 (such as 5%), not '0'\n"),
+     ("Error: Invalid value for '--k': expected a positive count (such as 100) or a percentage greater"
+     " than 0 and at most 100 (such as 5%), not '0'\n")),
     (["requantize", "--to", "absmax4,sign9"], 2,
-     "Error: Invalid value for '--to': unknown encoding 'sign9': expected one of f32, f16, absmax8,"
+     ("Error: Invalid value for '--to': unknown encoding 'sign9': expected one of f32, f16, absmax8,"
      " absmax4, absmax2, absmean8, absmean4, absmean2, sign1 (quantized ones may add -global and/or"
-     " -centered)\n"),
+     " -centered)\n")),
     (["query"], 2, "Error: give a QUERY string or at least one --task\n"),
     (["query", "TOP 5 FROM train BY mmlu", "-t", "mmlu"], 2,
      "Error: give either a QUERY string or --task and other flags, not both\n"),
@@ -106,12 +106,12 @@ def test_errors_are_one_line_with_exit_codes(store_path, args, code, message):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--lr", "2e-5,x"], "Error: Invalid value for '--lr': expected comma-separated numbers such as"
-                         " 2e-5,1e-5, not '2e-5,x'\n"),
+    (["--lr", "2e-5,x"], ("Error: Invalid value for '--lr': expected comma-separated numbers such as"
+                         " 2e-5,1e-5, not '2e-5,x'\n")),
     (["--shard", "3"], "Error: Invalid value for '--shard': --shard must look like i/n (e.g. 0/4), got '3'\n"),
-    (["--encodings", "f16,absmean3"], "Error: Invalid value for '--encodings': unknown encoding 'absmean3':"
+    (["--encodings", "f16,absmean3"], ("Error: Invalid value for '--encodings': unknown encoding 'absmean3':"
      " expected one of f32, f16, absmax8, absmax4, absmax2, absmean8, absmean4, absmean2, sign1"
-     " (quantized ones may add -global and/or -centered)\n"),
+     " (quantized ones may add -global and/or -centered)\n")),
 ])
 def test_ingest_option_values_are_checked_before_any_work(tmp_path, args, message):
     result = run("ingest", "--data", __file__, "--checkpoint", str(tmp_path), *args,

@@ -1,8 +1,11 @@
 """gradstore.ops: merge, requantize, compare, check (with mayhem on the data file)."""
 
+import contextlib
 import hashlib
 import math
 import os
+import subprocess
+import sys
 
 import lmdb
 import numpy as np
@@ -362,24 +365,28 @@ def test_recenter_moves_the_centroid_atomically(tmp_path):
         assert ops.check(st).ok
 
 
-def test_merge_clears_a_killed_merges_folders_but_not_a_running_ones(tmp_path):
-    import subprocess
-    import sys
+@contextlib.contextmanager
+def held_open(path):
+    """Another process holding the store at `path` open until the block ends."""
+    holder = subprocess.Popen([sys.executable, "-c", (f"import gradstore, sys; s = gradstore.open({str(path)!r});"
+                               " print('open', flush=True); sys.stdin.read()")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "open\n"
+        yield
+    finally:
+        holder.communicate("")
 
+
+def test_merge_clears_a_killed_merges_folders_but_not_a_running_ones(tmp_path):
     a = make(tmp_path / "a", range(5))
     killed = tmp_path / ".m.k1ll3d.merging"  # what a kill -9 during merge leaves
     killed.mkdir()
     (killed / "data.mdb").write_bytes(b"half a store")
     running = make(tmp_path / ".m.runn1ng.merging", range(3))  # another merge's, open in its process
-    holder = subprocess.Popen([sys.executable, "-c", f"import gradstore, sys; s = gradstore.open({str(running)!r});"
-                               " print('open', flush=True); sys.stdin.read()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "open\n"
+    with held_open(running):
         ops.merge([a], tmp_path / "m")
         assert sorted(os.listdir(tmp_path)) == [".m.runn1ng.merging", "a", "m"]
-    finally:
-        holder.communicate("")
     ops.merge([a], tmp_path / "n")  # another output's folders are not ours to clear
     assert sorted(os.listdir(tmp_path)) == [".m.runn1ng.merging", "a", "m", "n"]
 
@@ -387,9 +394,6 @@ def test_merge_clears_a_killed_merges_folders_but_not_a_running_ones(tmp_path):
 # ---- compact ------------------------------------------------------------------------------
 
 def test_compact_drops_free_pages_and_keeps_every_byte_of_content(tmp_path):
-    import subprocess
-    import sys
-
     path = tmp_path / "s"
     with gradstore.create(path, dim=DIM, projection=PROJ, block_bytes=4096) as st:
         st.add_checkpoint("e1", lr=1e-5)
@@ -410,16 +414,10 @@ def test_compact_drops_free_pages_and_keeps_every_byte_of_content(tmp_path):
                 np.testing.assert_array_equal(got, x)
         assert st.ids("train") == ids(0, 300) and ops.check(st).ok
     assert gradstore.compact(path) is None  # nothing left to drop
-    holder = subprocess.Popen([sys.executable, "-c", f"import gradstore, sys; s = gradstore.open({str(path)!r});"
-                               " print('open', flush=True); sys.stdin.read()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "open\n"
+    with held_open(path):
         with pytest.raises(gradstore.StoreBusyError) as e:
             gradstore.compact(path, min_free=0)
         assert str(e.value) == f"{path}: another process has the store open; compact it when that is done"
-    finally:
-        holder.communicate("")
     with gradstore.open(path, readonly=False) as st:  # the compacted store takes more writes
         st.write("train", "e1", rand(5, 9), ids(300, 305), encodings=("f32", "sign1"))
         assert st.n_rows("train") == 305 and ops.check(st).ok

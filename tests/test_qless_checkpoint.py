@@ -4,11 +4,10 @@ import json
 import logging
 
 import pytest
+from test_qless_warmup import QUICK, make_examples, tiny_lora
 
 from qless.checkpoint import Checkpoint, CheckpointInfoError, read_checkpoints
 from qless.warmup import warmup
-
-from test_qless_warmup import QUICK, make_examples, tiny_lora
 
 
 def less_trainer_state(folder, step=845, n=13533, per_step=32):
@@ -30,8 +29,8 @@ def test_a_trainer_checkpoint_takes_the_mean_lr_logged_in_its_epoch(tmp_path, ca
     # epoch 2 of LESS's run: steps 423..845 (step 422 ends epoch 1 at 0.9979)
     want = sum(2e-5 * (1 - s / 1688) for s in range(423, 846)) / 423
     assert ckpt == Checkpoint("checkpoint-845", str(folder.resolve()), pytest.approx(want, rel=1e-12), 845, 2)
-    assert caplog.messages == [f"{folder}: lr {want:.4g}, the mean of the 423 learning rates"
-                               " trainer_state.json logged in epoch 2"]
+    assert caplog.messages == [(f"{folder}: lr {want:.4g}, the mean of the 423 learning rates"
+                               " trainer_state.json logged in epoch 2")]
     assert read_checkpoints([str(folder)], lrs=[1e-5])[0].lr == 1e-5  # an explicit lr wins
 
 

@@ -672,6 +672,7 @@ def test_pools_tasks_and_stages_share_one_prompt_format_and_max_length(tok, tmp_
     import inspect
 
     from gradstore_cli.main import cli
+
     from qless.data import DEFAULT_CHAT_FORMAT, DEFAULT_MAX_LENGTH, encode_record
     from qless.ingest import ingest_files
     from qless.tasks import task_prompts

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from qless.checkpoint import INFO_FILE, CheckpointInfoError, CheckpointInfoMissing, read_checkpoint_info
+from qless.checkpoint import (
+    INFO_FILE,
+    CheckpointInfoError,
+    CheckpointInfoMissing,
+    read_checkpoint_info,
+)
 from qless.model import attach_lora, load_adapter
 from qless.optimizer_state import load_optimizer_state
 from qless.warmup import WarmupError, completed_checkpoints, example_losses, warmup
