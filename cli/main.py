@@ -20,7 +20,7 @@ from qless.data import (  # torch-free: the engine install has it
 )
 
 from .output import emit, note, output_options, silent_option, store_option
-from .params import CONDITION, ENCODING, ENCODINGS, FLOATS, SELECTION_SIZE, SHARD, requires
+from .params import CONDITION, ENCODING, ENCODINGS, FLOATS, NAME, NAMES, SELECTION_SIZE, SHARD, requires
 
 
 def handle_errors(fn):
@@ -49,15 +49,15 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("query_text", required=False, metavar="[QUERY]")
-@click.option("--task", "-t", "tasks", multiple=True, help="Target task set (repeatable).")
+@click.option("--task", "-t", "tasks", multiple=True, type=NAME, help="Target task set (repeatable).")
 @click.option("--k", "k", default="5%", show_default=True, type=SELECTION_SIZE,
               help="How many to select: a count or a percentage.")
-@click.option("--set", "set_name", help="Training set to select from (default: the store's only one).")
+@click.option("--set", "set_name", type=NAME, help="Training set to select from (default: the store's only one).")
 @click.option("--encoding", type=ENCODING, help="Encoding to score with (default: chosen by the planner).")
 @click.option("--mode", type=click.Choice(["symmetric", "asymmetric"]), help="Quantize the task side too?")
 @click.option("--agg", type=click.Choice(["max", "mean"]), help="Across subtasks (LESS: max, QLESS: mean).")
 @click.option("--combine", type=click.Choice(["mean", "max", "sum"]), help="Across several tasks.")
-@click.option("--checkpoints", help="Comma-separated checkpoint names (default: all).")
+@click.option("--checkpoints", type=NAMES, help="Comma-separated checkpoint names (default: all).")
 @click.option("--weight", type=click.Choice(["lr", "uniform"]), help="Checkpoint weights.")
 @click.option("--where", type=CONDITION, help="Filter on row metadata, e.g. \"source = 'dolly'\".")
 @click.option("--explain", is_flag=True, help="Print the plan; do not scan.")
@@ -193,8 +193,8 @@ def warmup(data, out_dir, percentage, epochs, lr, lora_r, lora_alpha, lora_dropo
 @cli.command()
 @click.option("--data", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Training pool JSONL (repeatable); with --task NAME, the task's JSONL.")
-@click.option("--set", "set_name", default="train", show_default=True, help="Name of the training set.")
-@click.option("--task", help="Ingest a target task instead: mmlu, bbh, tydiqa, a demo task, or NAME with --data.")
+@click.option("--set", "set_name", type=NAME, default="train", show_default=True, help="Name of the training set.")
+@click.option("--task", type=NAME, help="Ingest a target task instead: mmlu, bbh, tydiqa, a demo task, or NAME with --data.")
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False),
               help="LESS's data folder for built-in tasks (holds eval/mmlu, eval/bbh, eval/tydiqa).")
 @click.option("--checkpoint", "checkpoints", multiple=True, required=True,
@@ -290,7 +290,7 @@ def merge(sources, out, fmt, silent):
 
 
 @cli.command()
-@click.option("--set", "set_name", help="Set to requantize (default: every set).")
+@click.option("--set", "set_name", type=NAME, help="Set to requantize (default: every set).")
 @click.option("--to", "to", required=True, type=ENCODINGS, help="Comma-separated encodings to derive, e.g. absmax4,sign1-global.")
 @click.option("--from", "source", type=ENCODING, help="Encoding to derive from (default: the best float the set holds).")
 @click.option("--allow-lossy", is_flag=True, help="Allow deriving from a quantized encoding.")
@@ -330,12 +330,12 @@ def requantize(set_name, to, source, allow_lossy, replace, recenter, store_path,
 
 @cli.command()
 @click.argument("queries", nargs=-1, metavar="[QUERY_A QUERY_B]")
-@click.option("--task", "-t", "tasks", multiple=True, help="Task to score with --a/--b encodings (repeatable).")
+@click.option("--task", "-t", "tasks", multiple=True, type=NAME, help="Task to score with --a/--b encodings (repeatable).")
 @click.option("--a", "enc_a", type=ENCODING, help="First encoding.")
 @click.option("--b", "enc_b", type=ENCODING, help="Second encoding.")
 @click.option("--k", "k", default="5%", show_default=True, type=SELECTION_SIZE,
               help="Top k for the overlap: a count or a percentage.")
-@click.option("--set", "set_name", help="Training set (default: the store's only one).")
+@click.option("--set", "set_name", type=NAME, help="Training set (default: the store's only one).")
 @store_option()
 @output_options
 @handle_errors
@@ -441,11 +441,11 @@ def demo(store_path, silent):
 
 
 @cli.command()
-@click.option("--task", "-t", "tasks", multiple=True, required=True, help="Target task set (repeatable).")
+@click.option("--task", "-t", "tasks", multiple=True, type=NAME, required=True, help="Target task set (repeatable).")
 @click.option("--encodings", type=ENCODINGS, help="Encodings to compare (default: all the set holds); the selection"
               " shown is the first one's.")
 @click.option("--k", default="5%", show_default=True, type=SELECTION_SIZE, help="Selection size: a count or a percentage.")
-@click.option("--set", "set_name", help="Training set (default: the store's only one).")
+@click.option("--set", "set_name", type=NAME, help="Training set (default: the store's only one).")
 @click.option("--by", "field", default="category", show_default=True, help="Row metadata field to break the selection down by.")
 @click.option("-o", "--out", "out_path", default="gradstore-plot.png", show_default=True, type=click.Path(dir_okay=False))
 @store_option()

@@ -60,12 +60,35 @@ class EncodingList(click.ParamType):
     name = "ENC,ENC,..."
 
     def convert(self, value, param, ctx):
-        if isinstance(value, list):  # a default already converted
+        if isinstance(value, list):  # click may convert a value twice
             return value
         names = [v.strip() for v in value.split(",") if v.strip()]
         if not names:
             self.fail("expected at least one encoding name", param, ctx)
         return [ENCODING.convert(n, param, ctx) for n in names]
+
+
+class Name(click.ParamType):
+    """A set, task or checkpoint name: not empty."""
+
+    name = "NAME"
+
+    def convert(self, value, param, ctx):
+        if not value.strip():
+            self.fail("expected a name, not an empty string", param, ctx)
+        return value.strip()
+
+
+class NameList(click.ParamType):
+    """Comma-separated names, none empty; passed on as "a,b" text."""
+
+    name = "NAME,NAME,..."
+
+    def convert(self, value, param, ctx):
+        names = [v.strip() for v in value.split(",")]
+        if not all(names):
+            self.fail(f"expected comma-separated names, not {value!r}", param, ctx)
+        return ",".join(names)
 
 
 class FloatList(click.ParamType):
@@ -111,6 +134,8 @@ class Shard(click.ParamType):
 SELECTION_SIZE = SelectionSize()
 ENCODING = EncodingName()
 ENCODINGS = EncodingList()
+NAME = Name()
+NAMES = NameList()
 FLOATS = FloatList()
 CONDITION = Condition()
 SHARD = Shard()

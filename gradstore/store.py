@@ -287,9 +287,10 @@ def compact(path, min_free: float = COMPACT_MIN_FREE) -> tuple[int, int] | None:
     """Rewrite the store's data file without its free pages; returns (bytes before, after).
 
     Rewriting a batch's last partial block frees its old pages, and LMDB keeps freed pages in
-    the file: a sign1 store of 100,000 x 8192 x 4 checkpoints written in 10,000-row batches was
-    1.079x its raw bits. LMDB's compacting copy is written beside the data file and renamed over
-    it, so a kill leaves the old file or the new one, both whole. Returns None, touching nothing,
+    the file: a sign1 store of 100,000 x 8192 x 4 checkpoints written in 10,000-row batches is
+    1.029x its raw bits, 1.014x compacted (benchmarks/bench_memory.py). LMDB's compacting copy
+    is written beside the data file and renamed over it, so a kill leaves the old file or the
+    new one, both whole. Returns None, touching nothing,
     when the free pages are at most `min_free` of the file.
 
     Needs the store closed everywhere: another process's open environment would go on using

@@ -88,6 +88,9 @@ def test_explain_prints_the_plan(store_path):
     (["query", "-t", "mmlu", "--where", "source = "], 2,
      ("Error: Invalid value for '--where': column 9: expected a value ('string', number, TRUE, FALSE or"
      " NULL) after =, found end of query\n")),
+    (["query", "-t", "mmlu", "--checkpoints", "e1,"], 2,
+     "Error: Invalid value for '--checkpoints': expected comma-separated names, not 'e1,'\n"),
+    (["query", "-t", " "], 2, "Error: Invalid value for '--task' / '-t': expected a name, not an empty string\n"),
     (["compare", "-t", "mmlu", "--a", "f16", "--b", "sign1", "--k", "0"], 2,
      ("Error: Invalid value for '--k': expected a positive count (such as 100) or a percentage greater"
      " than 0 and at most 100 (such as 5%), not '0'\n")),
