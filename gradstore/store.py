@@ -290,8 +290,8 @@ def compact(path, min_free: float = COMPACT_MIN_FREE) -> tuple[int, int] | None:
     the file: a sign1 store of 100,000 x 8192 x 4 checkpoints written in 10,000-row batches is
     1.029x its raw bits, 1.014x compacted (benchmarks/bench_memory.py). LMDB's compacting copy
     is written beside the data file and renamed over it, so a kill leaves the old file or the
-    new one, both whole. Returns None, touching nothing,
-    when the free pages are at most `min_free` of the file.
+    new one, both whole. Returns None, touching nothing, when the free pages are at most
+    `min_free` of the file.
 
     Needs the store closed everywhere: another process's open environment would go on using
     the replaced file. Raises StoreBusyError when this or another process has it open.
