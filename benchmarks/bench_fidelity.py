@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -58,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import STORES_DIR, Timer, machine, print_machine, print_table, write_json
 
 import gradstore
+from gradstore import quant
 from gradstore.encodings import QUANT_BITS, QUANT_KINDS
 from gradstore.ops import compare, parse_k, requantize, spearman
 
@@ -516,6 +518,94 @@ def score_all(store, tasks, master_path: Path) -> tuple[dict, dict, list[dict], 
     return ref, {"k": k, "rows": n, "query_seconds_total": round(sum(seconds.values()), 2)}, table, check
 
 
+OVERSAMPLES = (1, 1.5, 2, 3, 4, 6, 8, 12, 16)
+SHORTLISTS = ("sign1-centered", "sign1")  # symmetric, XOR + popcount
+
+
+def two_stage(store, tasks, ref: dict, k: int) -> dict:
+    """The default plan and its parts against f32's top k, per task.
+
+    - recall: the share of f32's top k inside a shortlist of m x k rows by each 1-bit
+      encoding (symmetric), for each m in OVERSAMPLES;
+    - plan: the share the two-stage plan keeps (shortlist by sign1-centered, rerank in
+      absmax8) for each m, and the default plan (no ENCODING, MODE, RERANK);
+    - int_dot: absmax8 asymmetric as the engine scores it (the collapsed task vectors rounded
+      to 15 bits, VNNI) against the same formula in float64 numpy: top-k overlap, max |diff|;
+    - gain: sign1-centered with and without the arcsine gain that puts the sign term on the
+      cosine's scale (executor._SIGN_GAIN), per mode.
+    """
+    from gradstore.query import executor
+
+    out = {}
+    for task in tasks:
+        truth = top_rows(ref[task], k)
+        r: dict = {"recall": {}, "plan": {}}
+        for enc in SHORTLISTS:
+            s1 = store.query(query_text(task, enc, "symmetric")).scores
+            r["recall"][enc] = {str(m): len(np.intersect1d(top_rows(s1, math.ceil(m * k)), truth)) / k
+                                for m in OVERSAMPLES}
+        for m in OVERSAMPLES:
+            res = store.query(f"TOP {k} FROM train BY {task} AGG {AGG} RERANK absmax8 OVERSAMPLE {m}")
+            r["plan"][str(m)] = len(np.intersect1d(res.rows, truth)) / k
+        default = store.query(f"TOP {TOP} FROM train BY {task} AGG {AGG}")
+        r["default"] = {"overlap": len(np.intersect1d(default.rows, truth)) / k,
+                        "stages": [st.to_dict() for st in default.plan.stages]}
+        engine = store.query(query_text(task, "absmax8", "asymmetric")).scores
+        exact = float_scores(store, task, "absmax8")
+        r["int_dot"] = {"overlap_with_float": len(np.intersect1d(top_rows(engine, k), top_rows(exact, k))) / k,
+                        "max_abs_diff": float(np.max(np.abs(engine - exact))),
+                        "spearman": spearman(exact, engine)}
+        gain = dict(executor._SIGN_GAIN)
+        r["gain"] = {}
+        for mode in MODES:
+            with_gain = store.query(query_text(task, "sign1-centered", mode)).scores
+            executor._SIGN_GAIN[mode] = 1.0
+            try:
+                without = store.query(query_text(task, "sign1-centered", mode)).scores
+            finally:
+                executor._SIGN_GAIN.update(gain)
+            r["gain"][mode] = {"with": len(np.intersect1d(top_rows(with_gain, k), truth)) / k,
+                               "without": len(np.intersect1d(top_rows(without, k), truth)) / k}
+        out[task] = r
+    return out
+
+
+def float_scores(store, task: str, encoding: str) -> np.ndarray:
+    """LESS's score of every train row in float64 numpy: the stored levels of `encoding` (unit
+    rows) against the task's f32 rows (unit), mean per subtask, lr-weighted sum, max."""
+    lrs = {c["name"]: c["lr"] for c in store.checkpoints()}
+    ckpts = store.checkpoint_names()
+    subs = np.array([r["subtask"] for r in store.rows(task)])
+    acc = 0.0
+    for c in ckpts:
+        g = quant.unpack_levels(store.read("train", c, encoding).payload, encoding, store.dim).astype(np.float64)
+        g /= np.linalg.norm(g, axis=1, keepdims=True)
+        v = store.vectors(task, c, "f32").astype(np.float64)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        q = np.stack([v[subs == s].mean(axis=0) for s in dict.fromkeys(subs)])
+        acc = acc + lrs[c] / sum(lrs[x] for x in ckpts) * (g @ q.T)
+    return acc.max(axis=1)
+
+
+def print_two_stage(res: dict, k: int) -> list[str]:
+    lines = [f"\nTwo stages: share of f32's top {k} kept, by oversample m (shortlist m x k)"]
+    ms = [str(m) for m in OVERSAMPLES]
+    head = f"{'task':<7} {'what':<34}" + "".join(f"{m:>6}" for m in ms)
+    lines.append(head)
+    for task, r in res.items():
+        for enc, rec in r["recall"].items():
+            lines.append(f"{task:<7} {'recall of ' + enc + ' shortlist':<34}"
+                         + "".join(f"{rec[m]:>6.2f}" for m in ms))
+        lines.append(f"{task:<7} {'plan: sign1-centered -> absmax8':<34}"
+                     + "".join(f"{r['plan'][m]:>6.2f}" for m in ms))
+        lines.append(f"{task:<7} default plan {r['default']['overlap']:.3f}; absmax8 int-dot vs float:"
+                     f" overlap {r['int_dot']['overlap_with_float']:.3f}, max |diff|"
+                     f" {r['int_dot']['max_abs_diff']:.2g}; sign1-centered gain on/off:"
+                     + "".join(f" {m[:4]} {g['with']:.2f}/{g['without']:.2f}" for m, g in r["gain"].items()))
+    print("\n".join(lines), flush=True)
+    return lines
+
+
 def composition(store, tasks, k: int, seed: int) -> dict:
     """Shares (percent) of each source and category in each top 5% vs the pool and a random 5%."""
     rows = store.rows("train")
@@ -782,13 +872,14 @@ def main(argv=None) -> dict:
                                               for s in store.sets()}}
         tasks = [t for t in TASKS if t in cfg.tasks]
         with Timer() as t:
-            _, meta, table, check = score_all(store, tasks, run.master)
+            ref, meta, table, check = score_all(store, tasks, run.master)
+            stages = two_stage(store, tasks, ref, meta["k"])
             comp = composition(store, tasks, meta["k"], cfg.seed)
         meta["seconds"] = round(t.s, 1)
         first = store.checkpoint_names()[0]
         levels = level_stats(store, first)
         row_norms = norms(store)
-    results.update(scoring=meta, compare_check=check, fidelity=table, composition=comp,
+    results.update(scoring=meta, compare_check=check, fidelity=table, composition=comp, two_stage=stages,
                    best_per_width=best_per_width(table), targets=targets(table, tasks))
     results["timings"] = timings(run.state)
     results["timings"]["scoring_seconds"] = meta["seconds"]
@@ -797,7 +888,8 @@ def main(argv=None) -> dict:
     results["norms"] = row_norms
     results["tables"] = {"levels": print_level_stats(levels, first),
                          "fidelity": print_fidelity(table, tasks, meta["k"], meta["rows"]),
-                         "composition": print_composition(comp, tasks)}
+                         "composition": print_composition(comp, tasks),
+                         "two_stage": print_two_stage(stages, meta["k"])}
     print("\nBest per width (mean top-5% overlap over tasks, then Spearman):")
     for bits, b in results["best_per_width"].items():
         print(f"  {bits:>2} bits: {b['encoding']} {b['mode']}  overlap {b['mean_overlap']:.3f}"

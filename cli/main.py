@@ -55,6 +55,8 @@ def cli() -> None:
 @click.option("--set", "set_name", type=NAME, help="Training set to select from (default: the store's only one).")
 @click.option("--encoding", type=ENCODING, help="Encoding to score with (default: chosen by the planner).")
 @click.option("--mode", type=click.Choice(["symmetric", "asymmetric"]), help="Quantize the task side too?")
+@click.option("--rerank", help="Rescore a shortlist in this encoding (default plan: absmax8 after sign1-centered).")
+@click.option("--oversample", type=click.FloatRange(1, 10**6), help="Shortlist size over k (with --rerank).")
 @click.option("--agg", type=click.Choice(["max", "mean"]), help="Across subtasks (LESS: max, QLESS: mean).")
 @click.option("--combine", type=click.Choice(["mean", "max", "sum"]), help="Across several tasks.")
 @click.option("--checkpoints", type=NAMES, help="Comma-separated checkpoint names (default: all).")
@@ -66,8 +68,8 @@ def cli() -> None:
 @output_options
 @silent_option
 @handle_errors
-def query(query_text, tasks, k, set_name, encoding, mode, agg, combine, checkpoints, weight, where,
-          explain, out, store_path, fmt, silent):
+def query(query_text, tasks, k, set_name, encoding, mode, rerank, oversample, agg, combine, checkpoints,
+          weight, where, explain, out, store_path, fmt, silent):
     """Select the training rows that help a task most.
 
     Either flags (compiled to the query language) or one QUERY string; see docs/query.md.
@@ -78,8 +80,10 @@ def query(query_text, tasks, k, set_name, encoding, mode, agg, combine, checkpoi
 
         gradstore query "TOP 1000 FROM train BY mmlu, bbh WHERE source = 'dolly'" --table
     """
+    if oversample is not None and not rerank:
+        raise click.UsageError("--oversample sizes the shortlist of --rerank; give --rerank too")
     flags = dict(set_name=set_name, encoding=encoding, mode=mode, agg=agg, combine=combine,
-                 checkpoints=checkpoints, weight=weight, where=where)
+                 checkpoints=checkpoints, weight=weight, where=where, rerank=rerank, oversample=oversample)
     if query_text and (tasks or any(flags.values())):
         raise click.UsageError("give either a QUERY string or --task and other flags, not both")
     if not query_text and not tasks:

@@ -31,6 +31,8 @@ Implementations and their trade-offs:
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import contextmanager
 
 import llvmlite.binding as _llvm
 import numpy as np
@@ -44,6 +46,7 @@ from .errors import SchemaMismatchError
 
 __all__ = [
     "HAS_VNNI",
+    "IntQueries",
     "SignSubtasks",
     "float_dot",
     "int_dot",
@@ -51,10 +54,14 @@ __all__ = [
     "sign_dot",
     "sign_subtask_means",
     "sign_subtask_weighted",
+    "single_threaded",
 ]
 
 _JIT = {"nogil": True, "fastmath": True, "cache": True}
 _PJIT = {"parallel": True, **_JIT}
+# Float sums without fastmath: every row's sum keeps one order (see _make_fdot).
+_SJIT = {"nogil": True, "cache": True}
+_SPJIT = {"parallel": True, **_SJIT}
 
 
 def _host_has_vnni() -> bool:
@@ -70,6 +77,26 @@ def _host_has_vnni() -> bool:
 
 
 HAS_VNNI = _host_has_vnni()
+
+_local = threading.local()
+
+
+@contextmanager
+def single_threaded():
+    """In this block, on this thread, `SignSubtasks.means`, `IntQueries.dot` and `float_dot`
+    over float rows run on the calling thread alone: for a caller that spreads blocks over its
+    own threads. (A numba parallel launch per block of 64-256 rows cost 7x the CPU of the work
+    on a busy 2-core box: threads spinning at the barrier; measured in bench_plans.)"""
+    before = getattr(_local, "single", False)
+    _local.single = True
+    try:
+        yield
+    finally:
+        _local.single = before
+
+
+def _single() -> bool:
+    return getattr(_local, "single", False)
 
 # ----------------------------------------------------------------------------------------
 # LLVM building blocks
@@ -104,8 +131,8 @@ def _make_udot(R: int, C: int):
     """An intrinsic ``f(a, i, planes, j, nchunks) -> UniTuple(int32, R*C)``.
 
     Entry ``r*C + c`` is ``sum_p sum_t field_t(a[i+r, p]) * planes[j+c, t, p]`` over the
-    first ``nchunks * 64`` bytes, fields unsigned k-bit (k = 8 / planes.shape[1]) and planes
-    signed int8. Rows of ``a`` and ``planes`` must be C-contiguous in their last axis.
+    first ``nchunks * 64`` bytes, fields unsigned k-bit (k = 8 / planes.shape[1], so k = 1 reads
+    sign bits as 0 / 1) and planes signed int8. Rows of ``a`` and ``planes`` must be C-contiguous in their last axis.
     """
 
     @intrinsic
@@ -176,11 +203,16 @@ def _make_udot(R: int, C: int):
                     emit(8)
                 with not8:
                     is4 = builder.icmp_signed("==", nfields, ir.Constant(_I64, 2))
-                    with builder.if_else(is4) as (then4, then2):
+                    with builder.if_else(is4) as (then4, not4):
                         with then4:
                             emit(4)
-                        with then2:
-                            emit(2)
+                        with not4:
+                            is2 = builder.icmp_signed("==", nfields, ir.Constant(_I64, 4))
+                            with builder.if_else(is2) as (then2, then1):
+                                with then2:
+                                    emit(2)
+                                with then1:
+                                    emit(1)
             red = _declare(builder, f"llvm.vector.reduce.add.v{acc_ty.count}i32", _I32,
                            [acc_ty])
             vals = [builder.call(red, [builder.load(acc)]) for acc in accs]
@@ -195,6 +227,98 @@ _udot44 = _make_udot(4, 4)
 _udot41 = _make_udot(4, 1)
 _udot14 = _make_udot(1, 4)
 _udot11 = _make_udot(1, 1)
+
+_F32 = ir.FloatType()
+_V16F32 = ir.VectorType(_F32, 16)
+_V16F16 = ir.VectorType(ir.HalfType(), 16)
+
+
+def _make_fdot(R: int, C: int):
+    """An intrinsic ``f(a, i, q, j, n, half) -> UniTuple(float32, R*C)``.
+
+    Entry ``r*C + c`` is ``sum_{t < n} row_t * q[j+c, t]``, row ``i+r`` of the uint8 array ``a``
+    read as float32 (``half`` 0) or float16 (``half`` 1) values, ``q`` float32. The order of
+    the sum is fixed and the same for every row, whatever R and C (16 lanes of FMAs over
+    64-byte chunks, an ordered lane reduction, then the tail in order), so equal rows get
+    bit-identical results wherever they sit in a block (BLAS does not promise that).
+    """
+
+    @intrinsic
+    def fdot(typingctx, a, i, q, j, n, half):
+        ret = types.UniTuple(types.float32, R * C)
+        sig = ret(a, i, q, j, n, half)
+
+        def codegen(context, builder, signature, args):
+            aty, ity, qty, jty, nty, hty = signature.args
+            av, iv, qv, jv, nv, hv = args
+            arr_a = context.make_array(aty)(context, builder, av)
+            arr_q = context.make_array(qty)(context, builder, qv)
+            iv = context.cast(builder, iv, ity, types.intp)
+            jv = context.cast(builder, jv, jty, types.intp)
+            nv = context.cast(builder, nv, nty, types.intp)
+            hv = context.cast(builder, hv, hty, types.intp)
+            zero = ir.Constant(_I64, 0)
+            fma_v = _declare(builder, "llvm.fma.v16f32", _V16F32, [_V16F32] * 3)
+            fma_s = _declare(builder, "llvm.fma.f32", _F32, [_F32] * 3)
+            red = _declare(builder, "llvm.vector.reduce.fadd.v16f32", _F32, [_F32, _V16F32])
+            q_ptrs = [cgutils.get_item_pointer(
+                context, builder, qty, arr_q, [builder.add(jv, ir.Constant(_I64, c)), zero])
+                for c in range(C)]
+            raw_rows = [cgutils.get_item_pointer(
+                context, builder, aty, arr_a, [builder.add(iv, ir.Constant(_I64, r)), zero])
+                for r in range(R)]
+            nch = builder.sdiv(nv, ir.Constant(_I64, 16))
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16F32, None))
+                    for _ in range(R * C)]
+            tails = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+                     for _ in range(R * C)]
+
+            def emit(elem, vec):
+                ptrs = [builder.bitcast(p, elem.as_pointer()) for p in raw_rows]
+
+                def load_row(p, off, ty):
+                    x = builder.load(builder.bitcast(builder.gep(p, [off]), ty.as_pointer()), align=1)
+                    return x if elem is _F32 else builder.fpext(x, _V16F32 if ty is vec else _F32)
+
+                with cgutils.for_range(builder, nch) as loop:
+                    off = builder.mul(loop.index, ir.Constant(_I64, 16))
+                    rows = [load_row(p, off, vec) for p in ptrs]
+                    for c in range(C):
+                        qc = builder.load(builder.bitcast(builder.gep(q_ptrs[c], [off]),
+                                                          _V16F32.as_pointer()), align=1)
+                        for r in range(R):
+                            k = r * C + c
+                            builder.store(builder.call(fma_v, [rows[r], qc, builder.load(accs[k])]),
+                                          accs[k])
+                t0 = builder.mul(nch, ir.Constant(_I64, 16))
+                with cgutils.for_range_slice(builder, t0, nv, ir.Constant(_I64, 1)) as (t, _):
+                    rows = [load_row(p, t, elem) for p in ptrs]
+                    for c in range(C):
+                        qc = builder.load(builder.gep(q_ptrs[c], [t]), align=1)
+                        for r in range(R):
+                            k = r * C + c
+                            builder.store(builder.call(fma_s, [rows[r], qc, builder.load(tails[k])]),
+                                          tails[k])
+
+            with builder.if_else(builder.icmp_signed("==", hv, zero)) as (is32, is16):
+                with is32:
+                    emit(_F32, _V16F32)
+                with is16:
+                    emit(ir.HalfType(), _V16F16)
+            # No fast-math flags: the lane reduction runs in order, the same for every row.
+            vals = [builder.fadd(builder.call(red, [ir.Constant(_F32, 0.0), builder.load(accs[k])]),
+                                 builder.load(tails[k])) for k in range(R * C)]
+            return context.make_tuple(builder, ret, vals)
+
+        return sig, codegen
+
+    return fdot
+
+
+_fdot44 = _make_fdot(4, 4)
+_fdot41 = _make_fdot(4, 1)
+_fdot14 = _make_fdot(1, 4)
+_fdot11 = _make_fdot(1, 1)
 
 # ----------------------------------------------------------------------------------------
 # Inner helpers (serial; called inside the parallel loops)
@@ -284,9 +408,60 @@ def _int_block(a, i0, planes, qcorr, bits, out):
                 out[r, j] += _int_tail(a, i0 + r, planes, j, p0, bits)
 
 
+@njit(**_SJIT)
+def _float_block(a, i0, q, n, half, out):
+    """out[r, j] = <float row a[i0 + r], q[j]> over the first n values, for r < out.shape[0]."""
+    nq = q.shape[0]
+    if out.shape[0] == 4:
+        j = 0
+        while j + 4 <= nq:
+            t = _fdot44(a, i0, q, j, n, half)
+            for r in range(4):
+                for c in range(4):
+                    out[r, j + c] = t[r * 4 + c]
+            j += 4
+        while j < nq:
+            t1 = _fdot41(a, i0, q, j, n, half)
+            for r in range(4):
+                out[r, j] = t1[r]
+            j += 1
+    else:
+        for r in range(out.shape[0]):
+            j = 0
+            while j + 4 <= nq:
+                t4 = _fdot14(a, i0 + r, q, j, n, half)
+                for c in range(4):
+                    out[r, j + c] = t4[c]
+                j += 4
+            while j < nq:
+                out[r, j] = _fdot11(a, i0 + r, q, j, n, half)[0]
+                j += 1
+
+
 # ----------------------------------------------------------------------------------------
 # Parallel kernels
 # ----------------------------------------------------------------------------------------
+
+
+@njit(**_SPJIT)
+def _float_dot_kernel(a, q, n, half):
+    na = a.shape[0]
+    out = np.empty((na, q.shape[0]), np.float32)
+    for blk in prange((na + _RB - 1) // _RB):
+        i0 = blk * _RB
+        i1 = min(i0 + _RB, na)
+        _float_block(a, i0, q, n, half, out[i0:i1])
+    return out
+
+
+@njit(**_SJIT)
+def _float_dot_serial(a, q, n, half):
+    """_float_dot_kernel on the calling thread alone (see single_threaded)."""
+    na = a.shape[0]
+    out = np.empty((na, q.shape[0]), np.float32)
+    for i0 in range(0, na, _RB):
+        _float_block(a, i0, q, n, half, out[i0:min(i0 + _RB, na)])
+    return out
 
 
 @njit(**_PJIT)
@@ -321,54 +496,67 @@ def _sign_weighted_kernel(a, b, starts, weights, dim):
     return out
 
 
-@njit(**_PJIT)
-def _sign_counts_kernel(a, planes, plane_off, csum, counts, dim):
-    """out[i, s] = mean over subtask s of <a[i], v> / dim, from bit-sliced vote counts."""
-    n = a.shape[0]
+@njit(**_JIT)
+def _sign_counts_tile(a, i0, planes, plane_off, csum, counts, dim, out):
+    """out[i0 + r, s] for the (up to 4) rows from i0: see _sign_counts_kernel."""
     nw = a.shape[1]
     ns = counts.shape[0]
     npl = planes.shape[0]
-    out = np.empty((n, ns), np.float32)
-    for blk in prange((n + _RB - 1) // _RB):
-        i0 = blk * _RB
-        m = min(_RB, n - i0)
-        acc = np.zeros((_RB, npl), np.int64)
-        ones = np.zeros(_RB, np.int64)
-        for r in range(m):
-            c = np.uint64(0)
+    m = min(_RB, a.shape[0] - i0)
+    acc = np.zeros((_RB, npl), np.int64)
+    ones = np.zeros(_RB, np.int64)
+    for r in range(m):
+        c = np.uint64(0)
+        for w in range(nw):
+            c += _popcount(a[i0 + r, w])
+        ones[r] = np.int64(c)
+    if m == 4:
+        for p in range(npl):
+            c0 = np.uint64(0)
+            c1 = np.uint64(0)
+            c2 = np.uint64(0)
+            c3 = np.uint64(0)
             for w in range(nw):
-                c += _popcount(a[i0 + r, w])
-            ones[r] = np.int64(c)
-        if m == 4:
-            for p in range(npl):
-                c0 = np.uint64(0)
-                c1 = np.uint64(0)
-                c2 = np.uint64(0)
-                c3 = np.uint64(0)
-                for w in range(nw):
-                    y = planes[p, w]
-                    c0 += _popcount(a[i0, w] & y)
-                    c1 += _popcount(a[i0 + 1, w] & y)
-                    c2 += _popcount(a[i0 + 2, w] & y)
-                    c3 += _popcount(a[i0 + 3, w] & y)
-                acc[0, p] = np.int64(c0)
-                acc[1, p] = np.int64(c1)
-                acc[2, p] = np.int64(c2)
-                acc[3, p] = np.int64(c3)
-        else:
-            for r in range(m):
-                for p in range(npl):
-                    c = np.uint64(0)
-                    for w in range(nw):
-                        c += _popcount(a[i0 + r, w] & planes[p, w])
-                    acc[r, p] = np.int64(c)
+                y = planes[p, w]
+                c0 += _popcount(a[i0, w] & y)
+                c1 += _popcount(a[i0 + 1, w] & y)
+                c2 += _popcount(a[i0 + 2, w] & y)
+                c3 += _popcount(a[i0 + 3, w] & y)
+            acc[0, p] = np.int64(c0)
+            acc[1, p] = np.int64(c1)
+            acc[2, p] = np.int64(c2)
+            acc[3, p] = np.int64(c3)
+    else:
         for r in range(m):
-            for s in range(ns):
-                t = np.int64(0)
-                for k in range(plane_off[s], plane_off[s + 1]):
-                    t += acc[r, k] << (k - plane_off[s])
-                mismatches = csum[s] + counts[s] * ones[r] - 2 * t
-                out[i0 + r, s] = (counts[s] * dim - 2 * mismatches) / (counts[s] * np.float64(dim))
+            for p in range(npl):
+                c = np.uint64(0)
+                for w in range(nw):
+                    c += _popcount(a[i0 + r, w] & planes[p, w])
+                acc[r, p] = np.int64(c)
+    for r in range(m):
+        for s in range(ns):
+            t = np.int64(0)
+            for k in range(plane_off[s], plane_off[s + 1]):
+                t += acc[r, k] << (k - plane_off[s])
+            mismatches = csum[s] + counts[s] * ones[r] - 2 * t
+            out[i0 + r, s] = (counts[s] * dim - 2 * mismatches) / (counts[s] * np.float64(dim))
+
+
+@njit(**_PJIT)
+def _sign_counts_kernel(a, planes, plane_off, csum, counts, dim):
+    """out[i, s] = mean over subtask s of <a[i], v> / dim, from bit-sliced vote counts."""
+    out = np.empty((a.shape[0], counts.shape[0]), np.float32)
+    for blk in prange((a.shape[0] + _RB - 1) // _RB):
+        _sign_counts_tile(a, blk * _RB, planes, plane_off, csum, counts, dim, out)
+    return out
+
+
+@njit(**_JIT)
+def _sign_counts_serial(a, planes, plane_off, csum, counts, dim):
+    """_sign_counts_kernel on the calling thread alone (see single_threaded)."""
+    out = np.empty((a.shape[0], counts.shape[0]), np.float32)
+    for blk in range((a.shape[0] + _RB - 1) // _RB):
+        _sign_counts_tile(a, blk * _RB, planes, plane_off, csum, counts, dim, out)
     return out
 
 
@@ -394,6 +582,16 @@ def _int_dot_kernel(a, planes, qcorr, bits):
         i0 = blk * _RB
         i1 = min(i0 + _RB, na)
         _int_block(a, i0, planes, qcorr, bits, out[i0:i1])
+    return out
+
+
+@njit(**_JIT)
+def _int_dot_serial(a, planes, qcorr, bits):
+    """_int_dot_kernel on the calling thread alone (see single_threaded)."""
+    na = a.shape[0]
+    out = np.empty((na, planes.shape[0]), np.int32)
+    for i0 in range(0, na, _RB):
+        _int_block(a, i0, planes, qcorr, bits, out[i0:min(i0 + _RB, na)])
     return out
 
 
@@ -589,7 +787,8 @@ class SignSubtasks:
         """float32 (n, S): mean over v in subtask s of <row, v> / dim."""
         rows = _rows(rows, "rows", self.dim, 1)
         _check_pair(rows, self.vals)
-        return _sign_counts_kernel(_words(rows), self.planes, self.offsets, self.csum, self.counts,
+        kernel = _sign_counts_serial if _single() else _sign_counts_kernel
+        return kernel(_words(rows), self.planes, self.offsets, self.csum, self.counts,
                                    self.dim)
 
 
@@ -611,13 +810,15 @@ def int_subtask_means(rows, row_norm, vals, val_norm, starts, bits: int, dim: in
     return _int_means_kernel(rows, row_norm, planes, qcorr, val_norm, sub, counts, bits)
 
 
-_FLOAT_BLOCK = 1024  # rows unpacked to float32 at a time (32 MiB at d = 8192)
+_FLOAT_BLOCK = 1024  # packed rows unpacked to float32 at a time (32 MiB at d = 8192)
 
 
 def float_dot(rows, enc: Encoding | str, dim: int, queries) -> np.ndarray:
     """float32 (n, q): <levels(row_i), query_j> for rows of any encoding (no scale applied).
 
     ``queries`` is float (q, dim), or (dim,) for a single query (the result is then (n, 1)).
+    Float rows are read in place; packed rows are unpacked to float32 block by block. Each
+    row's sum has one fixed order, so equal rows get equal results (see _make_fdot).
     """
     if isinstance(enc, str):
         enc = parse_encoding(enc)
@@ -631,29 +832,76 @@ def float_dot(rows, enc: Encoding | str, dim: int, queries) -> np.ndarray:
         raise SchemaMismatchError(
             f"rows: {rows.shape[1]} bytes per row, but {enc.name} at dim {dim} stores "
             f"{enc.row_bytes(dim)}")
+    q = np.ascontiguousarray(q)
+    if enc.is_float:
+        kernel = _float_dot_serial if _single() else _float_dot_kernel
+        return kernel(rows, q, int(dim), int(enc.kind == "f16"))
     n = rows.shape[0]
-    qt = np.ascontiguousarray(q.T)
     out = np.empty((n, q.shape[0]), np.float32)
-    if enc.kind == "f32" or enc.kind == "f16":
-        dt = np.dtype("<f4") if enc.kind == "f32" else np.dtype("<f2")
-        for i0 in range(0, n, _FLOAT_BLOCK):
-            blk = rows[i0:i0 + _FLOAT_BLOCK].view(dt)[:, :dim]
-            np.matmul(blk.astype(np.float32), qt, out=out[i0:i0 + _FLOAT_BLOCK])
-        return out
     buf = np.empty((min(n, _FLOAT_BLOCK), dim), np.float32)
-    if enc.kind == "sign":
-        qsum = q.astype(np.float64).sum(axis=1).astype(np.float32)
-        for i0 in range(0, n, _FLOAT_BLOCK):
-            blk = rows[i0:i0 + _FLOAT_BLOCK]
-            m = blk.shape[0]
-            _unpack_sign(blk, dim, buf[:m])
-            np.matmul(buf[:m], qt, out=out[i0:i0 + m])
-            out[i0:i0 + m] *= 2.0
-            out[i0:i0 + m] -= qsum
-        return out
     for i0 in range(0, n, _FLOAT_BLOCK):
         blk = rows[i0:i0 + _FLOAT_BLOCK]
         m = blk.shape[0]
-        _unpack_kbit(blk, enc.bits, dim, buf[:m])
-        np.matmul(buf[:m], qt, out=out[i0:i0 + m])
+        if enc.kind == "sign":
+            _unpack_sign(blk, dim, buf[:m])
+        else:
+            _unpack_kbit(blk, enc.bits, dim, buf[:m])
+        out[i0:i0 + m] = _float_dot_kernel(buf[:m].view(np.uint8), q, int(dim), 0)
+    if enc.kind == "sign":  # <s, q> = 2 sum_{bit=1} q - sum q
+        out *= 2.0
+        out -= q.astype(np.float64).sum(axis=1).astype(np.float32)
     return out
+
+
+_LIMB = 128
+_LIMB_MAX = 127 * _LIMB  # |Q| <= 127 * 128: hi in -127..127, lo in -64..64, both int8
+
+
+class IntQueries:
+    """Float queries prepared for packed k-bit or sign rows, to run on the integer kernel.
+
+    Each query q is rounded to integers Q = rint(q / step), step = max|q| / (127 * 128)
+    (15 bits; the rounding moves <row, q> by at most step / 2 * sum|levels|), and split
+    into two int8 limbs Q = 128 hi + lo; one VNNI pass over a block of rows multiplies it by
+    the 2q limb vectors. Integer sums are exact, so equal rows get equal results.
+    """
+
+    def __init__(self, queries, enc: Encoding | str, dim: int):
+        if isinstance(enc, str):
+            enc = parse_encoding(enc)
+        if enc.is_float:
+            raise SchemaMismatchError(f"IntQueries: {enc.name} rows are floats; use float_dot")
+        q = np.asarray(queries, dtype=np.float64)
+        if q.ndim != 2 or q.shape[1] != dim:
+            raise SchemaMismatchError(f"queries: expected shape (q, {dim}), got {np.shape(queries)}")
+        if not np.isfinite(q).all():
+            raise SchemaMismatchError("queries: not all values are finite")
+        self.enc, self.dim, self.nq = enc, int(dim), q.shape[0]
+        amax = np.abs(q).max(axis=1, initial=0.0)
+        self.step = np.where(amax > 0, amax / _LIMB_MAX, 1.0)
+        big = np.rint(q / self.step[:, None]).astype(np.int64)
+        hi = np.rint(big / _LIMB).astype(np.int64)
+        limbs = np.concatenate([hi, big - _LIMB * hi])
+        nf = 8 // enc.bits
+        row_bytes = enc.row_bytes(dim)
+        padded = np.zeros((2 * self.nq, row_bytes * nf), np.int8)
+        padded[:, :dim] = limbs
+        self.planes = np.ascontiguousarray(padded.reshape(2 * self.nq, row_bytes, nf).transpose(0, 2, 1))
+        if enc.kind == "sign":  # fields are bits u, levels 2u - 1: <l, Q> = 2 <u, Q> - sum Q
+            self.qcorr = np.zeros(2 * self.nq, np.int32)
+            self.sums = big.sum(axis=1)
+        else:  # fields u = level + o: <l, Q> = <u, Q> - o sum Q
+            self.qcorr = ((1 << (enc.bits - 1)) * limbs.sum(axis=1)).astype(np.int32)
+
+    def dot(self, rows) -> np.ndarray:
+        """float64 (n, q): <levels(row_i), query_j>, to the 15-bit rounding of the queries."""
+        rows = _rows(rows, "rows", self.dim, self.enc.bits)
+        if rows.shape[1] != self.planes.shape[2]:
+            raise SchemaMismatchError(
+                f"rows: {rows.shape[1]} bytes per row, but {self.enc.name} at dim {self.dim} stores "
+                f"{self.planes.shape[2]}")
+        d = (_int_dot_serial if _single() else _int_dot_kernel)(rows, self.planes, self.qcorr, self.enc.bits)
+        t = _LIMB * d[:, :self.nq].astype(np.int64) + d[:, self.nq:]
+        if self.enc.kind == "sign":
+            t = 2 * t - self.sums
+        return t * self.step

@@ -271,9 +271,9 @@ def requantize(store, set_name: str | None = None, to: Sequence[str] = (), sourc
     """Derive encodings `to` of a set (every set when None) from its master copy.
 
     `source` defaults to the best float the set holds (f32, else f16); a quantized source is
-    refused unless `allow_lossy`. ``-global`` targets take one scale per (set, checkpoint)
-    from `quant.set_scale` over the whole set (a first pass over the rows), kept in the set
-    record. ``-centered`` targets subtract the (set, checkpoint)'s centroid; where it has none,
+    refused unless `allow_lossy`. ``-global`` targets take one scale for the set over all its
+    checkpoints, as QLESS (`quant.SetScale`, a first pass over the rows), kept in the set
+    record under each checkpoint. ``-centered`` targets subtract the (set, checkpoint)'s centroid; where it has none,
     or with `recenter`, the centroid becomes the master's mean over the whole set (a first
     pass), and `recenter` re-derives every centered encoding the set holds with it. Blocks are staged, then one transaction per set shows the new encodings, so a
     killed run leaves the store as it was (a re-run overwrites its staged blocks). An
@@ -359,29 +359,24 @@ def _requantize_set(store, job, batch_rows, progress, recenter=False) -> list[di
     bar = _bar(progress, total, f"requantize {name}")
     scales: dict[str, dict] = {t.name: {} for t in globals_}
     try:
+        # One first pass over the master for the set-wide statistics: a -global scale pools
+        # every checkpoint of the set (as QLESS), a new centroid is per checkpoint.
+        pooled = {t.name: quant.SetScale(t) for t in globals_}
         for c, n in written.items():
-            for t in globals_:
-                scales[t.name][c] = None
-            if globals_ or c in new_centroids:  # one first pass for the set-wide statistics
-                stats: dict[str, list] = {}
-                total_sum = np.zeros(store.dim, np.float64)
-                for x in _master_batches(store, name, c, src, n, batch_rows):
-                    if c in new_centroids:
-                        total_sum += x.sum(axis=0, dtype=np.float64)
-                    for t in globals_:
-                        s = quant.set_scale(x, t)
-                        acc = stats.setdefault(t.name, [0.0, 0])
-                        if t.kind == "absmax":
-                            acc[0] = max(acc[0], s)
-                        else:
-                            acc[0] += s * x.size
-                        acc[1] += x.size
-                    bar.update(len(x))
-                for t in globals_:
-                    s, size = stats.get(t.name, [0.0, 0])
-                    scales[t.name][c] = float(s if t.kind == "absmax" else (s / size if size else 0.0))
+            if not (globals_ or c in new_centroids):
+                continue
+            total_sum = np.zeros(store.dim, np.float64)
+            for x in _master_batches(store, name, c, src, n, batch_rows):
                 if c in new_centroids:
-                    new_centroids[c] = (total_sum / max(n, 1)).astype(np.float32)
+                    total_sum += x.sum(axis=0, dtype=np.float64)
+                for acc in pooled.values():
+                    acc.add(x)
+                bar.update(len(x))
+            if c in new_centroids:
+                new_centroids[c] = (total_sum / max(n, 1)).astype(np.float32)
+        for t_name, acc in pooled.items():
+            scales[t_name] = {c: acc.value for c in written}
+        for c, n in written.items():
             center = new_centroids.get(c)
             if centered and center is None:
                 center = store.centroid(name, c)

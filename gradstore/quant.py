@@ -107,7 +107,7 @@ def _quantize(x: np.ndarray, enc: Encoding, global_scale: float | None) -> Quant
         return QuantizedRows(payload, _float32_scale(length / math.sqrt(d)),
                              np.full(n, math.sqrt(d), np.float32))
     if s is None and enc.global_scale:
-        s = _set_scale_from_stats(enc, length, absmax, abssum, x.size)
+        s = SetScale(enc)._add_stats(length, absmax, abssum, x.size).value
     # u*L/s is evaluated as (x * num) / den: the same value in exact arithmetic, but x * num is
     # exact in float64, so a coordinate that sits exactly on a half rounds as a half (to even)
     # instead of drifting across it through the rounding of u and s.
@@ -233,16 +233,49 @@ def dequantize(payload: np.ndarray, scale: np.ndarray, enc: Encoding | str, dim:
     return levels * scale[:, None]
 
 
+class SetScale:
+    """The set-wide s of a ``-global`` encoding, streamed over batches: max|u| (absmax) or
+    mean|u| (absmean) over every coordinate of every row added, u = x / |x|.
+
+    QLESS (`quantize_gradients.py`, `compute_scale_factor`) takes one s for the training set
+    over all its checkpoints and one per task over all checkpoints; requantize adds every
+    checkpoint's rows of a set to one SetScale. (QLESS quantizes the raw projected gradients;
+    here, as everywhere in the store, each row is normalized first.)
+    """
+
+    def __init__(self, enc: Encoding | str):
+        self.enc = _encoding(enc)
+        if self.enc.kind not in QUANT_KINDS:
+            raise SchemaMismatchError(f"encoding {self.enc.name} has no scale; only absmax and absmean do")
+        self._max = 0.0
+        self._sum = 0.0
+        self._size = 0
+
+    def add(self, x: np.ndarray) -> "SetScale":
+        x = _as_rows(x)
+        with _threads_for(x.size):
+            sumsq, absmax, abssum = _row_stats(x)
+        _refuse_bad_rows(sumsq)
+        return self._add_stats(np.sqrt(sumsq), absmax, abssum, x.size)
+
+    def _add_stats(self, length: np.ndarray, absmax: np.ndarray, abssum: np.ndarray,
+                   size: int) -> "SetScale":
+        nonzero = length > 0  # a zero row has u = 0: it adds nothing to the max or the sum
+        self._max = max(self._max, float((absmax[nonzero] / length[nonzero]).max(initial=0.0)))
+        self._sum += float((abssum[nonzero] / length[nonzero]).sum())
+        self._size += size
+        return self
+
+    @property
+    def value(self) -> float:
+        if self.enc.kind == "absmax":
+            return self._max
+        return self._sum / self._size if self._size else 0.0
+
+
 def set_scale(x: np.ndarray, enc: Encoding | str) -> float:
-    """The set-wide s of a ``-global`` encoding: max|u| (absmax) or mean|u| (absmean) over x."""
-    enc = _encoding(enc)
-    if enc.kind not in QUANT_KINDS:
-        raise SchemaMismatchError(f"encoding {enc.name} has no scale; only absmax and absmean do")
-    x = _as_rows(x)
-    with _threads_for(x.size):
-        sumsq, absmax, abssum = _row_stats(x)
-    _refuse_bad_rows(sumsq)
-    return _set_scale_from_stats(enc, np.sqrt(sumsq), absmax, abssum, x.size)
+    """The set-wide s of a ``-global`` encoding over the rows of x alone (see SetScale)."""
+    return SetScale(enc).add(x).value
 
 
 def _encoding(enc: Encoding | str) -> Encoding:
@@ -317,14 +350,6 @@ def _checked_global_scale(enc: Encoding, given: float | None, length: np.ndarray
         raise ValueError(f"global_scale 0 cannot quantize row {int(np.argmax(length > 0))},"
                          " which is not all zeros")
     return s
-
-
-def _set_scale_from_stats(enc: Encoding, length: np.ndarray, absmax: np.ndarray,
-                          abssum: np.ndarray, size: int) -> float:
-    nonzero = length > 0  # a zero row has u = 0: it adds nothing to the max or the sum
-    if enc.kind == "absmax":
-        return float((absmax[nonzero] / length[nonzero]).max(initial=0.0))
-    return float((abssum[nonzero] / length[nonzero]).sum() / size) if size else 0.0
 
 
 # The kernels run without fastmath: reassociating the row sums or the rounding would break the

@@ -817,16 +817,53 @@ class Store:
                 take = min(block_rows, n - start)
                 blocks = []
                 for c, ci in zip(checkpoints, idx):
-                    where = f"{self.path}: set {set_name!r} checkpoint {c!r} encoding {enc.name} block {b}"
-                    raw = txn.get(_block_key(rec["id"], ci, _enc_key(layout, enc.name), b),
-                                  db=self._dbs["blocks"])
-                    if raw is None:
-                        raise CorruptStoreError(f"{where}: missing")
-                    blk = decode_block(raw, layout, start, where, verify)
+                    blk = self._read_block(txn, rec, layout, set_name, enc, c, ci, b, verify)
                     blocks.append(Block(start, blk.payload[:take], blk.scale[:take], blk.norm[:take],
                                         None if blk.extra is None else blk.extra[:take]))
                 metas = [next(meta_iter) for _ in range(take)] if with_rows else None
                 yield start, blocks, metas
+
+    def scan_rows(self, set_name: str, checkpoints: Sequence[str], encoding: str,
+                  rows) -> Iterator[tuple[np.ndarray, list[Block]]]:
+        """Yield (row numbers, [Block per checkpoint]) for the given rows only, block by block.
+
+        `rows` must be increasing and held by every checkpoint. Each Block holds just those
+        rows of one stored block, copied out (its `start` is the stored block's first row), so
+        only their pages are read. One read transaction spans the scan.
+        """
+        enc = parse_encoding(encoding)
+        rows = np.asarray(rows, np.int64)
+        if rows.ndim != 1 or (len(rows) > 1 and (np.diff(rows) <= 0).any()):
+            raise ValueError("scan_rows: rows must be a 1-D array of increasing row numbers")
+        with self.env.begin(buffers=True) as txn:
+            rec = self._set_record(txn, set_name)
+            layout = self._encoding_layout(rec, set_name, enc)
+            idx = [self._checkpoint_index(txn, c) for c in checkpoints]
+            n = min((rec["written"].get(c, 0) for c in checkpoints), default=0)
+            if len(rows) and not 0 <= rows[0] <= rows[-1] < n:
+                raise ValueError(f"scan_rows: rows {rows[0]}..{rows[-1]} are outside the {n} rows"
+                                 f" every checkpoint of {set_name!r} holds")
+            br = layout["block_rows"]
+            blocks_of = rows // br
+            cuts = np.flatnonzero(np.diff(blocks_of)) + 1
+            for picked in np.split(rows, cuts) if len(rows) else []:
+                b = int(picked[0] // br)
+                local = picked - b * br
+                blocks = []
+                for c, ci in zip(checkpoints, idx):
+                    blk = self._read_block(txn, rec, layout, set_name, enc, c, ci, b)
+                    blocks.append(Block(b * br, blk.payload[local], blk.scale[local], blk.norm[local],
+                                        None if blk.extra is None else blk.extra[local]))
+                yield picked, blocks
+
+    def _read_block(self, txn, rec: dict, layout: dict, set_name: str, enc: Encoding,
+                    checkpoint: str, ci: int, b: int, verify: bool = False) -> Block:
+        """Block b of one (set, checkpoint, encoding): views into the map; missing is corrupt."""
+        where = f"{self.path}: set {set_name!r} checkpoint {checkpoint!r} encoding {enc.name} block {b}"
+        raw = txn.get(_block_key(rec["id"], ci, _enc_key(layout, enc.name), b), db=self._dbs["blocks"])
+        if raw is None:
+            raise CorruptStoreError(f"{where}: missing")
+        return decode_block(raw, layout, b * layout["block_rows"], where, verify)
 
     def _encoding_layout(self, rec: dict, set_name: str, enc: Encoding) -> dict:
         if enc.name not in rec["encodings"]:
@@ -920,14 +957,12 @@ class Store:
             br = layout["block_rows"]
             parts = []
             for b in range(start // br, (stop + br - 1) // br):
-                where = f"{self.path}: set {set_name!r} checkpoint {checkpoint!r} encoding {enc.name} block {b}"
-                raw = txn.get(_block_key(rec["id"], ci, _enc_key(layout, enc.name), b), db=self._dbs["blocks"])
-                if raw is None:
-                    raise CorruptStoreError(f"{where}: missing")
-                blk = decode_block(raw, layout, b * br, where)
+                blk = self._read_block(txn, rec, layout, set_name, enc, checkpoint, ci, b)
                 lo, hi = max(start - b * br, 0), min(stop - b * br, br)
                 if hi > len(blk.scale):
-                    raise CorruptStoreError(f"{where}: holds {len(blk.scale)} rows, expected {hi}")
+                    raise CorruptStoreError(f"{self.path}: set {set_name!r} checkpoint {checkpoint!r}"
+                                            f" encoding {enc.name} block {b}: holds {len(blk.scale)}"
+                                            f" rows, expected {hi}")
                 parts.append(blk.rows(lo, hi))
         return quant.QuantizedRows.concat(parts) if parts else self._no_rows(enc)
 

@@ -71,7 +71,19 @@ def test_explain_prints_the_plan(store_path):
     ]
 
 
+def test_rerank_flags_compile_to_the_clause(store_path):
+    result = run("query", "--store", store_path, "-t", "mmlu", "--k", "2", "--rerank", "f16",
+                 "--oversample", "3", "--explain")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "QUERY      EXPLAIN TOP 2 FROM train BY mmlu RERANK f16 OVERSAMPLE 3"
+    assert lines[1] == "SCAN       train: 40 rows in blocks, a shortlist of 6 (3 x k) by a bounded heap"
+    assert "ENCODING   f16 (asymmetric)" in lines
+
+
 @pytest.mark.parametrize("args,code,message", [
+    (["query", "-t", "mmlu", "--oversample", "2"], 2,
+     "Error: --oversample sizes the shortlist of --rerank; give --rerank too\n"),
     (["query", "-t", "bbh"], 1, "Error: unknown task 'bbh'; the store has: mmlu\n"),
     (["query", "TOP 5 FROM train BY"], 1, "Error: column 20: expected a task name after BY, found end of query\n"),
     # a bad option value is a usage error naming the option and what it takes (issue 14)

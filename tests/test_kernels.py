@@ -222,6 +222,85 @@ def test_float_dot_blocks_readonly_unaligned(name):
     np.testing.assert_allclose(one[:, 0], ref[:2, 0], rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["f32", "f16", "absmax8", "sign1"])
+def test_float_dot_gives_equal_rows_equal_results(name):
+    # an equal row at every position of the 4-row tile and in the tail, next to other rows
+    rng = np.random.default_rng(5)
+    dim = 8203  # 512 chunks of 16 and a tail of 11
+    rows, _ = float_rows(rng, 11, dim, name)
+    rows[[0, 3, 5, 6, 10]] = rows[1]
+    got = kernels.float_dot(rows, name, dim, rng.standard_normal((6, dim)).astype(np.float32))
+    assert (got[[0, 3, 5, 6, 10]] == got[1]).all()
+
+
+# ---- int queries (float queries as two int8 limbs on the integer kernel) ------------------
+
+INT_ENCODINGS = ["absmax8", "absmean4", "absmax2", "sign1"]
+
+
+@SETTINGS
+@given(n=counts, nq=st.integers(1, 6), dim=dims, name=st.sampled_from(INT_ENCODINGS),
+       scale=st.sampled_from([1e-6, 1.0, 1e6]), seed=st.integers(0, 2**32 - 1))
+def test_int_queries_match_numpy_within_the_rounding_bound(n, nq, dim, name, scale, seed):
+    rng = np.random.default_rng(seed)
+    rows, lv = float_rows(rng, n, dim, name)
+    q = rng.standard_normal((nq, dim)) * scale
+    q[0, : dim // 2] = 0.0  # some exact zeros
+    iq = kernels.IntQueries(q, name, dim)
+    got = iq.dot(rows)
+    ref = lv @ q.T
+    # Q = rint(q / step) moves each coordinate by at most step / 2, step = max|q| / (127 * 128)
+    step = np.abs(q).max(axis=1) / (127 * 128)
+    bound = np.abs(lv).sum(axis=1)[:, None] * step[None, :] / 2
+    assert got.shape == (n, nq) and got.dtype == np.float64
+    assert (np.abs(got - ref) <= bound * (1 + 1e-9) + 1e-300).all()
+    # the two limbs are exact: with integer queries inside the 15-bit range nothing rounds
+    qi = rng.integers(-127 * 128, 127 * 128 + 1, (nq, dim)).astype(np.float64)
+    qi[:, 0] = 127 * 128  # max|Q| at the limit: the step is exactly 1
+    np.testing.assert_array_equal(kernels.IntQueries(qi, name, dim).dot(rows), lv @ qi.T)
+
+
+def test_int_queries_zero_query_readonly_unaligned_and_errors():
+    rng = np.random.default_rng(1)
+    dim = 300
+    rows, lv = float_rows(rng, 7, dim, "absmax4")
+    q = np.vstack([np.zeros(dim), rng.standard_normal(dim)])
+    iq = kernels.IntQueries(q, "absmax4", dim)
+    bound = np.abs(lv).sum(axis=1) * np.abs(q[1]).max() / (127 * 128) / 2
+    for r in variants(rows):
+        got = iq.dot(r)
+        assert (got[:, 0] == 0).all()
+        assert (np.abs(got[:, 1] - lv @ q[1]) <= bound * (1 + 1e-9)).all()
+    with pytest.raises(SchemaMismatchError, match="IntQueries: f16 rows are floats; use float_dot"):
+        kernels.IntQueries(q, "f16", dim)
+    with pytest.raises(SchemaMismatchError, match="queries: not all values are finite"):
+        kernels.IntQueries(np.full((1, dim), np.inf), "absmax4", dim)
+    with pytest.raises(SchemaMismatchError, match="rows of 152 bytes cannot hold 300 values of 8 bits"):
+        kernels.IntQueries(q, "absmax8", dim).dot(rows)
+    with pytest.raises(SchemaMismatchError, match="160 bytes per row, but absmax4 at dim 300 stores 152"):
+        kernels.IntQueries(q, "absmax4", dim).dot(np.zeros((2, 160), np.uint8))
+
+
+def test_single_threaded_kernels_equal_the_parallel_ones():
+    rng = np.random.default_rng(2)
+    dim = 515
+    q = rng.standard_normal((5, dim))
+    f32, _ = float_rows(rng, 13, dim, "f32")
+    a8, _ = float_rows(rng, 13, dim, "absmax8")
+    s1, _ = float_rows(rng, 13, dim, "sign1")
+    subs = kernels.SignSubtasks(s1[:7], [0, 3, 7], dim)
+    iq = kernels.IntQueries(q, "absmax8", dim)
+
+    def run():
+        return [kernels.float_dot(f32, "f32", dim, q), iq.dot(a8), subs.means(s1)]
+
+    parallel = run()
+    with kernels.single_threaded():
+        single = run()
+    for p, s in zip(parallel, single):
+        np.testing.assert_array_equal(p, s)
+
+
 # ---- subtask means -----------------------------------------------------------------------
 
 subtask_sizes = st.lists(st.integers(1, 6), min_size=1, max_size=5)

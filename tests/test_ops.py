@@ -151,19 +151,52 @@ def test_requantize_per_row_and_global(tmp_path):
             ("absmax4", "f32", False), ("absmean2-global", "f32", False)]
         info = st.set_info("train")
         assert sorted(info["encodings"]) == ["absmax4", "absmean2-global", "f32", "sign1"]
+        # one scale for the set over both checkpoints (QLESS), not one per checkpoint
+        both = np.concatenate([st.vectors("train", c, "f32") for c in ("e1", "e2")])
+        s = info["scales"]["absmean2-global"]["e1"]
+        assert info["scales"]["absmean2-global"]["e2"] == s
+        assert s == pytest.approx(quant.set_scale(both, "absmean2-global"), rel=1e-12)
+        assert s != pytest.approx(quant.set_scale(st.vectors("train", "e1", "f32"), "absmean2-global"))
         for c in ("e1", "e2"):
             v = st.vectors("train", c, "f32")
             want = quant.quantize(v, "absmax4")
             got = st.read("train", c, "absmax4")
             np.testing.assert_array_equal(got.payload, want.payload)
             np.testing.assert_array_equal(got.scale, want.scale)
-            s = info["scales"]["absmean2-global"][c]
-            assert s == pytest.approx(quant.set_scale(v, "absmean2-global"), rel=1e-12)
             want = quant.quantize(v, "absmean2-global", global_scale=s)
             np.testing.assert_array_equal(st.read("train", c, "absmean2-global").payload, want.payload)
         assert st.info()["sets"]["train"]["scales"] == info["scales"]
         assert len(st.query("TOP 3 FROM train BY mmlu ENCODING absmean2-global")) == 3
         assert ops.check(st).ok
+
+
+def qless_levels(per_ckpt: list[np.ndarray], bits: int, absmeasure: str) -> list[np.ndarray]:
+    """QLESS's quantize_gradients.py in numpy, over L2-normalized rows (the store quantizes
+    directions): compute_scale_factor over every checkpoint's file of the set, then
+    clamp(round(x * L / s), -L, L) per file. Sums in float64 (QLESS's float16 absmean sum
+    overflows to inf above ~900 rows)."""
+    units = [(x / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)) for x in per_ckpt]
+    if absmeasure == "max":
+        s = max(np.abs(u).max() for u in units)
+    else:
+        s = sum(np.abs(u).sum() for u in units) / sum(u.size for u in units)
+    L = 2 ** (bits - 1) - 1
+    return [np.clip(np.round(u * (L / s)), -L, L) for u in units]
+
+
+@pytest.mark.parametrize("enc", ["absmax2-global", "absmean4-global", "absmax8-global"])
+def test_requantize_global_equals_qless_formula(tmp_path, enc):
+    path = make(tmp_path / "s", encodings=("f32",))
+    with gradstore.open(path, readonly=False) as st:
+        ops.requantize(st, to=[enc])
+        e = gradstore.parse_encoding(enc)
+        for name in ("train", "mmlu"):  # the training set and each task: one scale each
+            masters = [st.vectors(name, c, "f32") for c in ("e1", "e2")]
+            want = qless_levels(masters, e.bits, "max" if e.kind == "absmax" else "mean")
+            for c, w in zip(("e1", "e2"), want):
+                got = quant.unpack_levels(st.read(name, c, enc).payload, e, st.dim)
+                # rounding halves may fall either way between the two float orders
+                assert np.mean(got != w) < 1e-3 and np.abs(got - w).max() <= 1
 
 
 def test_requantize_refusals(tmp_path):

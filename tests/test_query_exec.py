@@ -41,6 +41,12 @@ def store(tmp_path_factory):
     st.close()
 
 
+def kernel_of(enc, mode):
+    if enc.startswith("sign1") and mode == "symmetric":
+        return "xor-popcount"
+    return "float-dot" if enc in ("f32", "f16") else "int-dot"
+
+
 def _cos(a, b):
     na = np.linalg.norm(a, axis=1)[:, None]
     nb = np.linalg.norm(b, axis=1)[None, :]
@@ -66,13 +72,16 @@ def reference(store, tasks, ckpts, weight, enc, mode, agg, combine):
 
 
 def reference_centered(store, task, enc, mode, agg="max"):
-    """DESIGN's score with G ~ c + |G-c| R (R the stored unit residual), exact |G| and |V|;
-    symmetric: the task row's direction quantized plainly."""
+    """DESIGN's score with G ~ c + |G-c| R (R the stored unit residual), exact |G|:
+    cos(G, v) ~ (<c, v^> + |G-c| gain <R, u>) / |G|, v^ the task row's exact unit direction,
+    u = v^ (asymmetric) or its plain quantization made unit (symmetric); gain puts a sign
+    agreement on the cosine's scale (pi/2 sign vs sign, sqrt(pi/2) sign vs float), else 1."""
     from gradstore.encodings import Encoding, parse_encoding
     from gradstore.quant import quantize_reference, unpack_levels
 
     e = parse_encoding(enc)
     base = Encoding(e.kind, e.bits)
+    gain = 1.0 if e.kind != "sign" else (np.pi / 2 if mode == "symmetric" else np.sqrt(np.pi / 2))
     lrs = np.array(list(CKPTS.values()))
     subtasks = np.array(TASKS[task])
     acc = 0
@@ -80,14 +89,15 @@ def reference_centered(store, task, enc, mode, agg="max"):
         g = store.vectors("train", c, "f32").astype(np.float64)
         center = g[:20].mean(axis=0)  # the first batch's mean, frozen
         r = unpack_levels(store.read("train", c, enc).payload, base, DIM).astype(np.float64)
-        g_approx = center + np.linalg.norm(g - center, axis=1)[:, None] * r / np.linalg.norm(r, axis=1)[:, None]
+        r /= np.linalg.norm(r, axis=1)[:, None]
         v = store.vectors(task, c, "f32").astype(np.float64)
-        if mode == "symmetric":  # the task row's own direction, quantized plainly, at its exact length
-            lv = unpack_levels(quantize_reference(v.astype(np.float32), base).payload, base, DIM)
-            v_approx = np.linalg.norm(v, axis=1)[:, None] * lv / np.linalg.norm(lv, axis=1)[:, None]
-        else:
-            v_approx = v
-        cos = (g_approx @ v_approx.T) / np.outer(np.linalg.norm(g, axis=1), np.linalg.norm(v, axis=1))
+        v /= np.linalg.norm(v, axis=1)[:, None]
+        u = v
+        if mode == "symmetric":
+            u = unpack_levels(quantize_reference(v.astype(np.float32), base).payload, base, DIM)
+            u = u / np.linalg.norm(u, axis=1)[:, None]
+        a = np.linalg.norm(g - center, axis=1)[:, None]
+        cos = (center @ v.T + a * gain * (r @ u.T)) / np.linalg.norm(g, axis=1)[:, None]
         acc = acc + w * np.stack([cos[:, subtasks == s].mean(axis=1) for s in dict.fromkeys(TASKS[task])], axis=1)
     return acc.max(axis=1) if agg == "max" else acc.mean(axis=1)
 
@@ -97,7 +107,7 @@ def reference_centered(store, task, enc, mode, agg="max"):
 def test_centered_encodings_match_the_formula(store, enc, mode):
     result = store.query(f"SCORE FROM train BY mmlu ENCODING {enc} MODE {mode}")
     np.testing.assert_allclose(result.scores, reference_centered(store, "mmlu", enc, mode), rtol=1e-4, atol=1e-5)
-    assert result.plan.kernel == ("xor-popcount" if (enc, mode) == ("sign1-centered", "symmetric") else "float-dot")
+    assert result.plan.kernel == kernel_of(enc, mode)
 
 
 def test_centered_scores_track_float_scores_better_than_plain(store):
@@ -122,7 +132,7 @@ def test_every_encoding_and_mode_matches_the_formula(store, enc, mode):
     result = store.query(f"TOP 10 FROM train BY mmlu ENCODING {enc} MODE {mode}")
     ref = reference(store, ["mmlu"], list(CKPTS), "lr", enc, mode, "max", "mean")
     check_top(result, ref, 10)
-    assert result.plan.kernel == ("xor-popcount" if (enc, mode) == ("sign1", "symmetric") else "float-dot")
+    assert result.plan.kernel == kernel_of(enc, mode)
 
 
 @pytest.mark.parametrize("agg,combine,weight", list(itertools.product(("max", "mean"), ("mean", "max", "sum"),
@@ -156,14 +166,97 @@ def test_where_filters_rows_and_percentage_counts_what_passes(store):
     assert all(r["source"] == "flan" for r in result.records)
 
 
-def test_ties_break_by_row_order(tmp_path):
-    st = gradstore.create(tmp_path / "t", dim=8)
+TIE_PATHS = [("f32", None), ("f16", None), ("absmax8", "asymmetric"), ("absmax8", "symmetric"),
+             ("absmax4", None), ("absmean2", None), ("sign1", "symmetric"), ("sign1", "asymmetric"),
+             ("sign1-centered", "symmetric"), ("sign1-centered", "asymmetric"),
+             ("absmax8-centered", None)]
+
+
+@pytest.mark.parametrize("dim", [8, 100])
+def test_identical_rows_get_identical_scores_on_every_path(tmp_path, dim):
+    # 11 copies of one row among others: the copies sit at every position of a kernel's row tile
+    # (4 rows) and in a tail; BLAS may sum them in different orders, our kernels must not.
+    rng = np.random.default_rng(dim)
+    st = gradstore.create(tmp_path / "t", dim=dim, block_bytes=256)
     st.add_checkpoint("e1", lr=1)
-    x = np.tile(np.arange(1, 9, dtype=np.float32), (6, 1))
-    st.write("train", "e1", x, list("abcdef"), encodings=["f32", "sign1"])
-    st.write("task", "e1", x[:1], ["v"], kind="task", encodings=["f32", "sign1"])
-    for enc in ("f32", "sign1"):
-        assert st.query(f"TOP 4 FROM train BY task ENCODING {enc}").ids == list("abcd")
+    x = rng.standard_normal((23, dim)).astype(np.float32)
+    copies = np.array([0, 1, 2, 3, 5, 8, 9, 14, 19, 21, 22])
+    x[copies] = rng.standard_normal(dim).astype(np.float32) + 3.0  # the best rows, all equal
+    encs = sorted({e for e, _ in TIE_PATHS})
+    ids = [f"r{i}" for i in range(len(x))]
+    st.write("train", "e1", x, ids, encodings=encs)
+    st.write("task", "e1", x[:1] + 0.1, ["v"], kind="task", encodings=encs)
+    for enc, mode in TIE_PATHS:
+        q = f"SCORE FROM train BY task ENCODING {enc}" + (f" MODE {mode}" if mode else "")
+        scores = st.query(q).scores
+        assert len(set(scores[copies].tolist())) == 1, q
+        top = st.query(q.replace("SCORE", "TOP 4"))
+        assert top.ids == [ids[i] for i in copies[:4]], q
+    two = st.query("TOP 4 FROM train BY task ENCODING sign1 RERANK f32 OVERSAMPLE 3")
+    assert len(two.plan.stages) == 2 and two.ids == [ids[i] for i in copies[:4]]
+    st.close()
+
+
+def shortlist_then_rerank(store, task, first, mode, rerank, k, m, where=None):
+    """Two stages by hand: single-stage scores of every row, top m*k in `first`, top k of those."""
+    cond = f" WHERE {where}" if where else ""
+    s1 = store.query(f"SCORE FROM train BY {task} ENCODING {first} MODE {mode}{cond}")
+    short = s1.rows[np.lexsort((s1.rows, -s1.scores.astype(np.float64)))[: int(np.ceil(m * k))]]
+    s2 = store.query(f"SCORE FROM train BY {task} ENCODING {rerank}")
+    scores = s2.scores[short]
+    order = np.lexsort((short, -scores.astype(np.float64)))[:k]
+    return short[order], scores[order]
+
+
+@pytest.mark.parametrize("m", [1, 2.5, 4])
+def test_two_stage_plan_equals_shortlist_then_rerank(store, m):
+    result = store.query(f"TOP 5 FROM train BY mmlu, tydiqa RERANK absmax8 OVERSAMPLE {m}")
+    first, second = result.plan.stages
+    assert (first.encoding, first.mode, first.kernel, first.keep) == (
+        "sign1-centered", "symmetric", "xor-popcount", int(np.ceil(m * 5)))
+    assert (second.encoding, second.mode, second.kernel, second.keep) == ("absmax8", "asymmetric", "int-dot", 5)
+    rows, scores = shortlist_then_rerank(store, "mmlu, tydiqa", "sign1-centered", "symmetric", "absmax8", 5, m)
+    np.testing.assert_array_equal(result.rows, rows)
+    np.testing.assert_array_equal(result.scores, scores)  # the same kernel on the same rows: equal
+    assert result.ids == [f"z{r}" for r in rows]
+
+
+def test_default_plan_is_two_stage_for_top_and_single_for_score(store):
+    top = store.query("TOP 3 FROM train BY mmlu")
+    rows, scores = shortlist_then_rerank(store, "mmlu", "sign1-centered", "symmetric", "absmax8", 3, 4)
+    np.testing.assert_array_equal(top.rows, rows)
+    assert [s.encoding for s in top.plan.stages] == ["sign1-centered", "absmax8"]
+    assert len(store.query("SCORE FROM train BY mmlu").plan.stages) == 1
+    # ENCODING or MODE force one stage
+    assert len(store.query("TOP 3 FROM train BY mmlu ENCODING sign1-centered").plan.stages) == 1
+    assert store.query("TOP 3 FROM train BY mmlu MODE symmetric").plan.stages[0].encoding == "absmax8"
+    # a shortlist that would hold every row is one stage in the rerank encoding
+    whole = store.query("TOP 20 FROM train BY mmlu")
+    assert [s.encoding for s in whole.plan.stages] == ["absmax8"]
+    assert "would hold every row: one stage" in " ".join(whole.plan.notes)
+
+
+def test_two_stage_where_percentage_counts_rows_that_pass(store):
+    result = store.query("TOP 20% FROM train BY mmlu WHERE source = 'dolly' RERANK absmax8 OVERSAMPLE 2")
+    n_pass = sum(i % 3 != 0 for i in range(57))
+    assert len(result) == n_pass // 5 and all(r["source"] == "dolly" for r in result.records)
+    rows, _ = shortlist_then_rerank(store, "mmlu", "sign1-centered", "symmetric", "absmax8", n_pass // 5, 2,
+                                    where="source = 'dolly'")
+    np.testing.assert_array_equal(result.rows, rows)
+
+
+def test_rerank_errors(store, tmp_path):
+    with pytest.raises(UnknownNameError, match="set 'train' has no encoding 'absmax8-centered'"):
+        store.query("TOP 5 FROM train BY mmlu RERANK absmax8-centered")
+    st = gradstore.create(tmp_path / "f", dim=8)
+    st.add_checkpoint("e1", lr=1)
+    st.write("train", "e1", np.eye(8, dtype=np.float32), list("abcdefgh"), encodings=["f16", "absmax8"])
+    st.write("t", "e1", np.ones((1, 8), np.float32), ["v"], kind="task", encodings=["f16"])
+    with pytest.raises(UnknownNameError, match="RERANK needs a shortlist encoding: set 'train' holds"
+                                               " no 1-bit encoding"):
+        st.query("TOP 1 FROM train BY t RERANK f16")
+    assert st.query("TOP 1 FROM train BY t ENCODING absmax8 RERANK f16 OVERSAMPLE 2").plan.stages[0].keep == 2
+    st.close()
 
 
 def test_explain_returns_the_plan_without_scanning(store):
@@ -172,7 +265,12 @@ def test_explain_returns_the_plan_without_scanning(store):
     assert "xor-popcount" in text and "TASK       mmlu: 6 rows, 3 subtasks" in text
     plan = store.query("EXPLAIN TOP 5% FROM train BY mmlu")
     assert plan.encoding == "absmax8" and plan.mode == "asymmetric"
-    assert "collapse" in str(plan) and plan.to_dict()["collapse"] is True
+    text = str(plan)
+    assert "a shortlist of 8 (4 x k)" in text and "ENCODING   sign1-centered (symmetric)" in text
+    assert "RERANK     the shortlist's 8 rows x 3 checkpoints read again" in text
+    assert "int-dot (VNNI) with the subtask collapse" in text
+    d = plan.to_dict()
+    assert [s["keep"] for s in d["stages"]] == [8, 2] and d["rows_reread"] == 24
 
 
 def test_errors_name_what_exists(store):

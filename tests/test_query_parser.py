@@ -91,6 +91,11 @@ EXAMPLES = [
     ("TOP 3 FROM train BY mmlu ENCODING f16", Q(top_k=3, encoding="f16")),
     ("TOP 3 FROM train BY mmlu MODE symmetric", Q(top_k=3, mode="symmetric")),
     ("TOP 3 FROM train BY mmlu MODE Asymmetric", Q(top_k=3, mode="asymmetric")),
+    ("TOP 3 FROM train BY mmlu RERANK absmax8", Q(top_k=3, rerank="absmax8")),
+    ("TOP 3% FROM train BY mmlu ENCODING sign1 rerank F16 oversample 2.5",
+     Q(top_percent=3.0, encoding="sign1", rerank="f16", oversample=2.5)),
+    ("TOP 3 FROM train BY mmlu RERANK absmax8-centered OVERSAMPLE 8 WHERE x = 1",
+     Q(top_k=3, rerank="absmax8-centered", oversample=8.0, where=Compare("x", "=", 1))),
     ("TOP 3 FROM pool.v2 BY task_a", Q(top_k=3, set_name="pool.v2", tasks=("task_a",))),
     ('TOP 3 FROM "my set" BY "where", \'by\'',
      Q(top_k=3, set_name="my set", tasks=("where", "by"))),
@@ -196,6 +201,24 @@ def test_canonical_text(text, canonical):
 # -- exact error messages -----------------------------------------------------------------
 
 ERRORS = [
+    ("SCORE FROM t BY m RERANK absmax8", 18,
+     "column 19: expected ',' or a clause (COMBINE, AGG, CHECKPOINTS, WEIGHT, ENCODING, MODE, RERANK or"
+     " WHERE) or end of query, found RERANK after SCORE (a rerank needs TOP: SCORE returns every row)"),
+    ("TOP 5 FROM t BY m RERANK abs9", 25,
+     "column 26: expected an encoding after RERANK (f32, f16, absmax8, absmax4, absmax2, absmean8,"
+     " absmean4, absmean2, sign1; quantized ones may add -global and/or -centered), found name abs9"),
+    ("TOP 5 FROM t BY m RERANK f16 OVERSAMPLE 0.5", 40,
+     "column 41: expected a number from 1 to 1,000,000 after OVERSAMPLE (the shortlist is that many"
+     " times k), found number 0.5"),
+    ("TOP 5 FROM t BY m RERANK f16 OVERSAMPLE x", 40,
+     "column 41: expected a number from 1 to 1,000,000 after OVERSAMPLE (the shortlist is that many"
+     " times k), found name x"),
+    ("TOP 5 FROM t BY m OVERSAMPLE 2", 18,
+     "column 19: expected ',' or a clause (COMBINE, AGG, CHECKPOINTS, WEIGHT, ENCODING, MODE, RERANK or"
+     " WHERE) or end of query, found keyword OVERSAMPLE"),
+    ("TOP 5 FROM t BY m RERANK f16 MODE symmetric OVERSAMPLE 2", 44,
+     "column 45: expected a clause (COMBINE, AGG, CHECKPOINTS, WEIGHT, ENCODING, MODE, RERANK or"
+     " WHERE) or end of query, found keyword OVERSAMPLE"),
     ("TOP 5 FROM train BY", 19, "column 20: expected a task name after BY, found end of query"),
     ("", 0, "column 1: expected EXPLAIN, TOP or SCORE, found end of query"),
     ("SELECT * FROM train", 0, "column 1: expected EXPLAIN, TOP or SCORE, found name SELECT"),
@@ -221,7 +244,7 @@ ERRORS = [
     ("TOP 5 FROM train BY mmlu, mmlu", 26, ("column 27: expected each task once, found name mmlu "
      "again")),
     ("TOP 5 FROM train BY mmlu bbh", 25, ("column 26: expected ',' or a clause (COMBINE, AGG, "
-     "CHECKPOINTS, WEIGHT, ENCODING, MODE or WHERE) or end of query, found name bbh")),
+     "CHECKPOINTS, WEIGHT, ENCODING, MODE, RERANK or WHERE) or end of query, found name bbh")),
     ("TOP 5 FROM train BY mmlu COMBINE max COMBINE sum", 37, ("column 38: expected at most one "
      "COMBINE clause, found a second COMBINE (the first is at column 26)")),
     ("TOP 5 FROM train BY mmlu COMBINE median", 33,
@@ -231,12 +254,12 @@ ERRORS = [
     ("TOP 5 FROM train BY mmlu AGG max OVER tasks", 38,
      "column 39: expected subtasks after OVER, found name tasks"),
     ("TOP 5 FROM train BY mmlu AGG max subtasks", 33, ("column 34: expected OVER, a clause "
-     "(COMBINE, AGG, CHECKPOINTS, WEIGHT, ENCODING, MODE or WHERE) or end of query, found name "
+     "(COMBINE, AGG, CHECKPOINTS, WEIGHT, ENCODING, MODE, RERANK or WHERE) or end of query, found name "
      "subtasks")),
     ("TOP 5 FROM train BY mmlu CHECKPOINTS", 36, ("column 37: expected a checkpoint name or all "
      "after CHECKPOINTS, found end of query")),
     ("TOP 5 FROM train BY mmlu CHECKPOINTS all, e1", 40, ("column 41: expected a clause (COMBINE, "
-     "AGG, CHECKPOINTS, WEIGHT, ENCODING, MODE or WHERE) or end of query after CHECKPOINTS all "
+     "AGG, CHECKPOINTS, WEIGHT, ENCODING, MODE, RERANK or WHERE) or end of query after CHECKPOINTS all "
      "(double-quote a checkpoint named \"all\"), found ','")),
     ("TOP 5 FROM train BY mmlu WEIGHT lr2", 32,
      "column 33: expected lr or uniform after WEIGHT, found name lr2"),
@@ -258,7 +281,7 @@ ERRORS = [
     ("TOP 5 FROM train BY mmlu WHERE (a = 1 OR b = 2", 46,
      "column 47: expected ')' to close the '(' at column 32, found end of query"),
     ("TOP 5 FROM train BY mmlu WHERE a = 1)", 36, ("column 37: expected AND, OR, a clause "
-     "(COMBINE, AGG, CHECKPOINTS, WEIGHT, ENCODING, MODE or WHERE) or end of query, found ')'")),
+     "(COMBINE, AGG, CHECKPOINTS, WEIGHT, ENCODING, MODE, RERANK or WHERE) or end of query, found ')'")),
     ("TOP 5 FROM train BY mmlu WHERE a IN ()", 37, ("column 38: expected a value ('string', "
      "number, TRUE, FALSE or NULL) after '(', found ')'")),
     ("TOP 5 FROM train BY mmlu WHERE a IN (1 2)", 39,
@@ -415,6 +438,8 @@ def queries(draw):
         weight=draw(st.sampled_from(["lr", "uniform"])),
         encoding=draw(st.none() | encodings),
         mode=draw(st.sampled_from([None, "symmetric", "asymmetric"])),
+        rerank=(rerank := None if head == "score" else draw(st.none() | encodings)),
+        oversample=None if rerank is None else draw(st.none() | st.floats(1, 10**6)),
         where=draw(st.none() | exprs),
     )
 
@@ -466,7 +491,7 @@ def check_parse(text):
     return query
 
 
-QUERYISH = ("TOP SCORE EXPLAIN FROM BY COMBINE AGG OVER CHECKPOINTS WEIGHT ENCODING MODE "
+QUERYISH = ("TOP SCORE EXPLAIN FROM BY COMBINE AGG OVER CHECKPOINTS WEIGHT ENCODING MODE RERANK OVERSAMPLE "
             "WHERE AND OR NOT IN LIKE IS NULL TRUE FALSE mean max sum all lr uniform subtasks "
             "symmetric asymmetric sign1 absmax8-global train mmlu epoch-1 x 5 -1 0 2.5 1e3 "
             "101 % , ( ) = != <> < <= > >= 'a' 'it''s' '' \"q\" \"\" -- \n ' \" . - @ é \x00 \\")

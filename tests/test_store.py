@@ -226,3 +226,30 @@ def test_older_format_is_refused_by_version_before_anything_else(tmp_path):
     env.close()
     with pytest.raises(FormatVersionError, match="format version 1 is older than this gradstore reads \\(2\\)"):
         gradstore.open(tmp_path / "s")
+
+
+def test_scan_rows_reads_just_the_given_rows_block_by_block(tmp_store):
+    x, y = rand(30), rand(30, seed=1)
+    ids = [f"r{i}" for i in range(30)]
+    encs = ("absmax8", "sign1", "sign1-centered")
+    tmp_store.write("train", "epoch-1", x, ids, encodings=encs)
+    tmp_store.write("train", "epoch-2", y[:20], ids[:20], encodings=encs)
+    rows = np.array([0, 1, 2, 3, 5, 9, 13, 14, 19])
+    for enc in encs:
+        whole = [tmp_store.read("train", c, enc) for c in ("epoch-1", "epoch-2")]
+        br = tmp_store.set_info("train")["encodings"][enc]["block_rows"]
+        steps = list(tmp_store.scan_rows("train", ["epoch-1", "epoch-2"], enc, rows))
+        # one step per stored block that holds a wanted row, in row order
+        assert [int(p[0]) // br for p, _ in steps] == sorted({int(r) // br for r in rows})
+        np.testing.assert_array_equal(np.concatenate([p for p, _ in steps]), rows)
+        for c, full in enumerate(whole):
+            got = [b[c] for _, b in steps]
+            np.testing.assert_array_equal(np.concatenate([b.payload for b in got]), full.payload[rows])
+            np.testing.assert_array_equal(np.concatenate([b.norm for b in got]), full.norm[rows])
+            if full.extra is not None:
+                np.testing.assert_array_equal(np.concatenate([b.extra for b in got]), full.extra[rows])
+    assert list(tmp_store.scan_rows("train", ["epoch-1"], "sign1", [])) == []
+    with pytest.raises(ValueError, match="rows must be a 1-D array of increasing row numbers"):
+        list(tmp_store.scan_rows("train", ["epoch-1"], "sign1", [3, 3]))
+    with pytest.raises(ValueError, match="rows 5..20 are outside the 20 rows every checkpoint of 'train' holds"):
+        list(tmp_store.scan_rows("train", ["epoch-1", "epoch-2"], "sign1", [5, 20]))

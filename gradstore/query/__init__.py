@@ -30,19 +30,21 @@ def default_train_set(store) -> str:
 
 
 def compose(store, tasks, k: str, set_name=None, encoding=None, mode=None, agg=None, combine=None,
-            checkpoints=None, weight=None, where=None) -> str:
+            checkpoints=None, weight=None, where=None, rerank=None, oversample=None) -> str:
     """Query text for the CLI's flags (`--task mmlu --k 5%` -> `TOP 5% FROM train BY mmlu`)."""
     from ..encodings import parse_encoding
     from .ast import quote_name
 
-    if encoding:  # checked here so the error names the flag's value, not a column of made-up text
-        encoding = parse_encoding(encoding).name
+    # checked here so the error names the flag's value, not a column of made-up text
+    encoding, rerank = (parse_encoding(e).name if e else None for e in (encoding, rerank))
     parts = [f"TOP {k.strip()}", "FROM", quote_name(set_name or default_train_set(store)),
              "BY", ", ".join(quote_name(t) for t in tasks)]
     for keyword, value in (("COMBINE", combine), ("AGG", agg), ("WEIGHT", weight),
                            ("ENCODING", encoding), ("MODE", mode)):
         if value:
             parts += [keyword, value]
+    if rerank:
+        parts += ["RERANK", rerank] + (["OVERSAMPLE", f"{oversample:g}"] if oversample else [])
     if checkpoints:
         parts += ["CHECKPOINTS", ", ".join(quote_name(c.strip()) for c in checkpoints.split(","))]
     if where:

@@ -26,8 +26,8 @@ from typing import Any
 KEYWORDS = frozenset(
     (
         "EXPLAIN", "TOP", "SCORE", "FROM", "BY", "COMBINE", "AGG", "OVER", "CHECKPOINTS",
-        "WEIGHT", "ENCODING", "MODE", "WHERE", "AND", "OR", "NOT", "IN", "LIKE", "IS", "NULL",
-        "TRUE", "FALSE",
+        "WEIGHT", "ENCODING", "MODE", "RERANK", "OVERSAMPLE", "WHERE", "AND", "OR", "NOT", "IN",
+        "LIKE", "IS", "NULL", "TRUE", "FALSE",
     )
 )
 
@@ -371,7 +371,8 @@ class Query:
 
     Exactly one of `top_k` (a row count) and `top_percent` (in (0, 100]) is set for ``TOP``;
     both are None for ``SCORE`` (score every row). `checkpoints` None means all of them;
-    `encoding` and `mode` None leave the choice to the planner.
+    `encoding` and `mode` None leave the choice to the planner. `rerank` names the encoding
+    that rescores a shortlist of `oversample` x k rows (None: the planner's default).
     """
 
     explain: bool = False
@@ -385,6 +386,8 @@ class Query:
     weight: str = DEFAULT_WEIGHT
     encoding: str | None = None
     mode: str | None = None
+    rerank: str | None = None
+    oversample: float | None = None
     where: Expr | None = None
 
     def __post_init__(self) -> None:
@@ -412,6 +415,14 @@ class Query:
                 problems.append(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
         if self.mode is not None and self.mode not in MODES:
             problems.append(f"mode must be None or one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.rerank is not None and self.is_score:
+            problems.append("rerank needs TOP (SCORE returns every row)")
+        if self.oversample is not None and (
+            self.rerank is None or isinstance(self.oversample, bool)
+            or not isinstance(self.oversample, (int, float)) or not 1 <= self.oversample <= 10**6
+        ):
+            problems.append(f"oversample must be a number from 1 to 1e6 given with rerank, "
+                            f"not {self.oversample!r}")
         if problems:
             raise ValueError("invalid Query: " + "; ".join(problems))
 
@@ -447,6 +458,10 @@ class Query:
             parts.append(f"ENCODING {quote_name(self.encoding)}")
         if self.mode is not None:
             parts.append(f"MODE {self.mode}")
+        if self.rerank is not None:
+            parts.append(f"RERANK {quote_name(self.rerank)}")
+            if self.oversample is not None:
+                parts.append(f"OVERSAMPLE {format_number(self.oversample)}")
         if self.where is not None:
             parts.append(f"WHERE {self.where.to_text()}")
         return " ".join(parts)

@@ -2,19 +2,27 @@
 
 score(z) = COMBINE_t AGG_s mean_{v in s} sum_i w_i cos(G_i(z), V_i(v)). Per block the
 scorer accumulates, for every task, a (rows x subtasks) array over checkpoints, then applies
-AGG and COMBINE. Memory is the block buffers plus the k best rows, whatever the pool size.
+AGG and COMBINE. Blocks are scored on a small thread pool, results consumed in row order.
+A two-stage plan keeps a shortlist (row numbers and scores) from the first scan, then reads
+only those rows again for the second. Memory is the blocks in flight plus the rows kept,
+whatever the pool size.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 
 from .. import kernels
 from ..encodings import Encoding, parse_encoding
 from ..quant import quantize, unpack_levels
-from .planner import Plan, TaskPlan
+from .planner import Plan, Stage
 
 _AGG = {"max": np.max, "mean": np.mean}
 _COMBINE = {"max": np.max, "mean": np.mean, "sum": np.sum}
@@ -40,12 +48,18 @@ class Result:
 
 
 class _TopK:
-    """The k best (score, row) pairs seen so far; ties go to the lower row number."""
+    """The k best (score, row) pairs pushed so far; ties go to the lower row number.
+
+    Rows must arrive in increasing order. Pushes are buffered and cut back to k once the
+    buffer outgrows max(k, 65,536), so a push costs a comparison, not a sort.
+    """
 
     def __init__(self, k: int):
         self.k = k
         self.scores = np.empty(0, np.float32)
         self.rows = np.empty(0, np.int64)
+        self._parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending = 0
 
     def push(self, scores: np.ndarray, rows: np.ndarray) -> None:
         if self.k == 0:
@@ -53,13 +67,34 @@ class _TopK:
         if len(self.scores) == self.k:
             # Rows arrive in increasing order, so a newcomer must beat the k-th score outright.
             better = scores > self.scores[-1]
-            if not better.any():
-                return
             scores, rows = scores[better], rows[better]
-        s = np.concatenate([self.scores, scores])
-        r = np.concatenate([self.rows, rows])
+        if len(scores):
+            self._parts.append((scores, rows))
+            self._pending += len(scores)
+            if self._pending >= max(self.k, 1 << 16):
+                self._cut()
+
+    def _cut(self) -> None:
+        if not self._parts:
+            return
+        s = np.concatenate([self.scores] + [p[0] for p in self._parts])
+        r = np.concatenate([self.rows] + [p[1] for p in self._parts])
         order = np.lexsort((r, -s.astype(np.float64)))[: self.k]
         self.scores, self.rows = s[order], r[order]
+        self._parts, self._pending = [], 0
+
+    def best(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows), best first."""
+        self._cut()
+        return self.scores, self.rows
+
+
+# The sign kernels return the mean sign agreement 2p - 1 of a row with a subtask's rows, which
+# for randomly projected vectors estimates (2 / pi) arcsin(cos), about (2 / pi) cos near 0; a
+# sign row against a float unit vector gives about sqrt(2 / pi) cos (E|x| of a unit normal).
+# Scaling by the inverse puts the term on the cosine's scale, which matters only where it is
+# added to another term: the centroid's in centered scoring.
+_SIGN_GAIN = {"symmetric": math.pi / 2, "asymmetric": math.sqrt(math.pi / 2)}
 
 
 @dataclass
@@ -67,6 +102,7 @@ class _Side:
     """What scoring needs of one task at one checkpoint (see _subtask_cos for the formulas)."""
 
     counts: kernels.SignSubtasks | None = None  # xor-popcount: task sign rows, prepared
+    ints: kernels.IntQueries | None = None  # int-dot: one 15-bit vector per subtask
     queries: np.ndarray | None = None  # float-dot: one float vector per subtask
     center: float | np.ndarray = 0.0  # centered: per subtask, mean_v <c, unit direction of v>
 
@@ -81,31 +117,42 @@ def _subtask_means(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.stack([x[starts[s]:starts[s + 1]].mean(axis=0) for s in range(len(starts) - 1)])
 
 
-def _task_side(store, plan: Plan, task: TaskPlan, ckpt: str) -> _Side:
-    enc = parse_encoding(plan.encoding)
+def _task_side(store, plan: Plan, stage: Stage, i: int, ckpt: str) -> _Side:
+    """Task i of the plan at one checkpoint, prepared for `stage`'s kernel."""
+    task = plan.tasks[i]
+    task_enc = stage.task_encodings[i]
+    enc = parse_encoding(stage.encoding)
     order = np.asarray(task.order, np.int64)
     starts = np.asarray(task.starts, np.int64)
     dim = store.dim
+    side = _Side()
     if enc.centered:
-        # The task rows' own directions: exact (asymmetric) or quantized plainly in the same
-        # base encoding (symmetric). Task gradients do not share the train rows' centroid.
-        v = store.vectors(task.name, ckpt, task.encoding)[order]
-        base = Encoding(enc.kind, enc.bits, enc.global_scale)
-        rows = quantize(v, base) if plan.mode == "symmetric" else None
-        unit = _unit(v.astype(np.float64) if rows is None else
-                     unpack_levels(rows.payload, base, dim).astype(np.float64))
+        # The task rows' own directions (task gradients do not share the train rows' centroid):
+        # exact for <c, v>, and quantized plainly in the same base encoding in symmetric mode.
+        exact = _unit(store.vectors(task.name, ckpt, task_enc)[order].astype(np.float64))
         c = store.centroid(plan.set_name, ckpt).astype(np.float64)
-        side = _Side(center=_subtask_means(unit @ c, starts))
-        if plan.kernel == "xor-popcount":
-            side.counts = kernels.SignSubtasks(rows.payload, starts, dim)
+        side.center = _subtask_means(exact @ c, starts)
+        if stage.mode == "symmetric":
+            base = Encoding(enc.kind, enc.bits, enc.global_scale)
+            rows = quantize(exact, base)
+            if stage.kernel == "xor-popcount":
+                side.counts = kernels.SignSubtasks(rows.payload, starts, dim)
+                return side
+            unit = _unit(unpack_levels(rows.payload, base, dim).astype(np.float64))
         else:
-            side.queries = _subtask_means(unit, starts).astype(np.float32)
-        return side
-    rows = store.read(task.name, ckpt, task.encoding)
-    if plan.kernel == "xor-popcount":  # sign rows on both sides: |v| = sqrt(d), cos = dot / d
-        return _Side(counts=kernels.SignSubtasks(rows.payload[order], starts, dim))
-    unit = _unit(unpack_levels(rows.payload, task.encoding, dim).astype(np.float64)[order])
-    return _Side(queries=_subtask_means(unit, starts).astype(np.float32))
+            unit = exact
+    else:
+        rows = store.read(task.name, ckpt, task_enc)
+        if stage.kernel == "xor-popcount":  # sign rows on both sides: |v| = sqrt(d), cos = dot / d
+            side.counts = kernels.SignSubtasks(rows.payload[order], starts, dim)
+            return side
+        unit = _unit(unpack_levels(rows.payload, task_enc, dim).astype(np.float64)[order])
+    queries = _subtask_means(unit, starts)
+    if stage.kernel == "int-dot":
+        side.ints = kernels.IntQueries(queries, enc, dim)
+    else:
+        side.queries = queries.astype(np.float32)
+    return side
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -113,42 +160,90 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros(num.shape, np.float64), where=den > 0)
 
 
-def _subtask_cos(plan: Plan, enc: Encoding, side: _Side, blk, dim: int) -> np.ndarray:
+def _subtask_cos(stage: Stage, enc: Encoding, side: _Side, blk, dim: int) -> np.ndarray:
     """(rows, subtasks): mean over each subtask's task rows of cos(train row, task row).
 
     Plain: <L, q_s> / |L| with q_s the subtask's collapsed unit task vectors (XOR-popcount for
     sign1 in symmetric mode). Centered (G = c + a R, R = L/|L|, exact a = |G - c| and |G|):
-    mean_v cos(G, v) = (mean_v <c, v^> + a mean_v <R, v^>) / |G|, v^ the task row's unit
-    direction (quantized in symmetric mode), the second mean as in the plain case.
+    mean_v cos(G, v) = (mean_v <c, v^> + a mean_v <R, v^>) / |G|, v^ the task row's exact unit
+    direction in the first term, the second mean as in the plain case (on the cosine's scale,
+    see _SIGN_GAIN).
     """
     if side.counts is not None:
-        t = side.counts.means(blk.payload)
+        t = side.counts.means(blk.payload).astype(np.float64)
+    elif side.ints is not None:
+        t = _safe_div(side.ints.dot(blk.payload), blk.norm)
     else:
         t = _safe_div(kernels.float_dot(blk.payload, enc, dim, side.queries), blk.norm)
     if not enc.centered:
         return t
+    if enc.kind == "sign":
+        t *= _SIGN_GAIN[stage.mode]
     a, full = (blk.extra[:, i].astype(np.float64) for i in range(2))
     return _safe_div(side.center[None, :] + a[:, None] * t, full)
 
 
+class _Scorer:
+    """Scores blocks of train rows for one stage: the plan's formula over tasks and checkpoints."""
+
+    def __init__(self, store, plan: Plan, stage: Stage):
+        self.plan, self.stage = plan, stage
+        self.enc = parse_encoding(stage.encoding)
+        self.dim = store.dim
+        self.sides = [[_task_side(store, plan, stage, i, c) for c in plan.checkpoints]
+                      for i in range(len(plan.tasks))]
+
+    def __call__(self, blocks) -> np.ndarray:
+        plan = self.plan
+        n = len(blocks[0].norm)
+        per_task = []
+        for t, sides in zip(plan.tasks, self.sides):
+            acc = np.zeros((n, len(t.subtasks)), np.float64)
+            for w, side, blk in zip(plan.weights, sides, blocks):
+                acc += w * _subtask_cos(self.stage, self.enc, side, blk, self.dim)
+            per_task.append(_AGG[plan.query.agg](acc, axis=1))
+        return _COMBINE[plan.query.combine](np.stack(per_task), axis=0).astype(np.float32)
+
+
+def _scored(score: _Scorer, steps: Iterable[tuple]) -> Iterator[tuple[tuple, np.ndarray]]:
+    """(step, scores of step[1], the blocks) in order, blocks spread over numba's thread count.
+
+    Each worker scores whole blocks on its own thread (kernels.single_threaded), so no block
+    waits at a parallel barrier; at most two blocks per worker are in flight, each a view into
+    the read transaction that the `steps` generator keeps open until it is exhausted.
+    """
+    threads = numba.get_num_threads()
+    if threads == 1:
+        for step in steps:
+            yield step, score(step[1])
+        return
+
+    def work(blocks):
+        with kernels.single_threaded():
+            return score(blocks)
+
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque = deque()
+        for step in steps:
+            pending.append((step, pool.submit(work, step[1])))
+            if len(pending) > 2 * threads:
+                step0, fut = pending.popleft()
+                yield step0, fut.result()
+        while pending:
+            step0, fut = pending.popleft()
+            yield step0, fut.result()
+
+
 def execute(store, plan: Plan) -> Result:
-    enc = parse_encoding(plan.encoding)
-    dim = store.dim
-    sides = {(t.name, c): _task_side(store, plan, t, c) for t in plan.tasks for c in plan.checkpoints}
+    first = plan.stages[0]
     where = plan.query.where
-    top = _TopK(plan.k) if plan.k is not None else None
+    top = _TopK(first.keep) if first.keep is not None else None
     all_scores = [] if top is None else None
 
-    for start, blocks, metas in store.scan(plan.set_name, plan.checkpoints, plan.encoding,
-                                          with_rows=where is not None, limit=plan.n_rows):
-        n = len(blocks[0].scale)
-        per_task = []
-        for t in plan.tasks:
-            acc = np.zeros((n, len(t.subtasks)), np.float64)
-            for w, c, blk in zip(plan.weights, plan.checkpoints, blocks):
-                acc += w * _subtask_cos(plan, enc, sides[(t.name, c)], blk, dim)
-            per_task.append(_AGG[plan.query.agg](acc, axis=1))
-        scores = _COMBINE[plan.query.combine](np.stack(per_task), axis=0).astype(np.float32)
+    steps = store.scan(plan.set_name, plan.checkpoints, first.encoding, with_rows=where is not None,
+                       limit=plan.n_rows)
+    for (start, _, metas), scores in _scored(_Scorer(store, plan, first), steps):
+        n = len(scores)
         rows = np.arange(start, start + n, dtype=np.int64)
         if where is not None:
             keep = np.fromiter((where.evaluate(m) for m in metas), bool, n)
@@ -159,11 +254,23 @@ def execute(store, plan: Plan) -> Result:
             all_scores.append((scores, rows))
 
     if top is not None:
-        scores, rows = top.scores, top.rows
+        scores, rows = top.best()
     elif all_scores:
         scores = np.concatenate([s for s, _ in all_scores])
         rows = np.concatenate([r for _, r in all_scores])
     else:
         scores, rows = np.empty(0, np.float32), np.empty(0, np.int64)
+    if len(plan.stages) > 1:
+        scores, rows = _rerank(store, plan, np.sort(rows))
     records = store.rows_at(plan.set_name, rows)
     return Result([r["id"] for r in records], scores, rows, plan, records)
+
+
+def _rerank(store, plan: Plan, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The final stage over the shortlist's rows only, read in row order block by block."""
+    stage = plan.final
+    top = _TopK(stage.keep)
+    steps = store.scan_rows(plan.set_name, plan.checkpoints, stage.encoding, rows)
+    for (picked, _), scores in _scored(_Scorer(store, plan, stage), steps):
+        top.push(scores, picked)
+    return top.best()

@@ -36,9 +36,10 @@ from .ast import (
 # Deepest condition accepted: parentheses, and the depth of the AND/OR/NOT tree (a chain of
 # n ANDs is n levels deep). Keeps every recursive walk of the tree far from Python's limit.
 MAX_DEPTH = 100
+MAX_OVERSAMPLE = 10**6
 
-CLAUSES = ("COMBINE", "AGG", "CHECKPOINTS", "WEIGHT", "ENCODING", "MODE", "WHERE")
-_CLAUSE_LIST = "a clause (COMBINE, AGG, CHECKPOINTS, WEIGHT, ENCODING, MODE or WHERE)"
+CLAUSES = ("COMBINE", "AGG", "CHECKPOINTS", "WEIGHT", "ENCODING", "MODE", "RERANK", "WHERE")
+_CLAUSE_LIST = "a clause (COMBINE, AGG, CHECKPOINTS, WEIGHT, ENCODING, MODE, RERANK or WHERE)"
 _VALUE = "a value ('string', number, TRUE, FALSE or NULL)"
 _OPS = {"=": "=", "!=": "!=", "<>": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 
@@ -283,6 +284,9 @@ class _Parser:
                 self.fail(f"at most one {tok.value} clause",
                           found=f"a second {tok.value} (the first is at "
                                 f"{_where(self.text, seen[str(tok.value)].pos)})")
+            if tok.value == "RERANK" and top_k is None and top_percent is None:
+                self.fail(f"{after}{_CLAUSE_LIST} or end of query",
+                          found="RERANK after SCORE (a rerank needs TOP: SCORE returns every row)")
             seen[str(tok.value)] = tok
             self.advance()
             clauses[str(tok.value)], after = self.clause(str(tok.value))
@@ -290,10 +294,12 @@ class _Parser:
         for key, field in (("COMBINE", "combine"), ("AGG", "agg"), ("WEIGHT", "weight")):
             if key in clauses:
                 kwargs[field] = clauses[key]
+        rerank, oversample = clauses.get("RERANK", (None, None))  # type: ignore[misc]
         return Query(
             explain=explain, top_k=top_k, top_percent=top_percent, set_name=set_name,
             tasks=tasks, checkpoints=clauses.get("CHECKPOINTS"),  # type: ignore[arg-type]
             encoding=clauses.get("ENCODING"), mode=clauses.get("MODE"),  # type: ignore[arg-type]
+            rerank=rerank, oversample=oversample,
             where=clauses.get("WHERE"), **kwargs,  # type: ignore[arg-type]
         )
 
@@ -360,15 +366,26 @@ class _Parser:
         if keyword == "WEIGHT":
             return self.word(WEIGHTS, "lr or uniform after WEIGHT"), ""
         if keyword == "ENCODING":
-            return self.encoding(), ""
+            return self.encoding("ENCODING"), ""
+        if keyword == "RERANK":
+            rerank = self.encoding("RERANK")
+            if not self.is_keyword("OVERSAMPLE"):
+                return (rerank, None), "OVERSAMPLE, "
+            self.advance()
+            tok = self.tok
+            if tok.kind != "number" or not 1 <= tok.value <= MAX_OVERSAMPLE:  # type: ignore[operator]
+                self.fail(f"a number from 1 to {MAX_OVERSAMPLE:,} after OVERSAMPLE"
+                          " (the shortlist is that many times k)")
+            self.advance()
+            return (rerank, float(tok.value)), ""  # type: ignore[arg-type]
         if keyword == "MODE":
             return self.word(MODES, "symmetric or asymmetric after MODE"), ""
         expr, _ = self.or_expr(" after WHERE", 0)
         return expr, "AND, OR, "
 
-    def encoding(self) -> str:
+    def encoding(self, keyword: str) -> str:
         tok = self.tok
-        expected = (f"an encoding after ENCODING ({', '.join(all_names())}; quantized ones "
+        expected = (f"an encoding after {keyword} ({', '.join(all_names())}; quantized ones "
                     "may add -global and/or -centered)")
         if tok.kind not in ("name", "qname", "string"):
             self.fail(expected)

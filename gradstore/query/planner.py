@@ -1,14 +1,21 @@
 """Planning: check a parsed Query against the store and decide how to run it.
 
 The plan fixes everything the scan needs: the train set and the rows it will cover, the
-task sets with their subtask layout, checkpoint weights, the encoding of each side, and the
-kernel. Two kernels exist:
+task sets with their subtask layout, checkpoint weights, and one or two stages, each with
+its encoding, mode, kernel and the number of rows it keeps. Three kernels exist:
 
 - ``xor-popcount`` (symmetric sign1): every training row against every task row by
   XOR + popcount, averaged per subtask inside the kernel. V x d/64 word ops per row.
-- ``float-dot`` (everything else): the subtask collapse
-  ``mean_v cos(g, v) = <g/|g|, mean_v v/|v|>`` turns each subtask into one float vector, so a
-  row costs S x d multiply-adds against the packed levels. Exact up to float rounding.
+- ``int-dot`` (packed k-bit or sign rows against float task vectors): the subtask collapse
+  ``mean_v cos(g, v) = <g/|g|, mean_v v/|v|>`` turns each subtask into one float vector,
+  rounded to 15 bits as two int8 limbs and multiplied with the packed rows on the VNNI
+  integer kernel. S x d x 2 byte multiply-adds per row.
+- ``float-dot`` (f32 / f16 rows): the same collapse, float rows by float vectors.
+
+Two stages (TOP only): the first scores every row in a cheap encoding and keeps a shortlist
+of `oversample` x k rows; the second reads only those rows again in a faithful encoding and
+keeps the top k of them. The default plan whenever the set holds a 1-bit and a faithful
+encoding (ingest writes both by default).
 """
 
 from __future__ import annotations
@@ -20,24 +27,55 @@ from ..encodings import Encoding, parse_encoding
 from ..errors import SchemaMismatchError, UnknownNameError
 from .ast import Query
 
-# Default scoring encoding when the query names none: the first the train set holds, most
-# faithful first by the fidelity benchmark (mean top-5% overlap with f32 on real gradients).
+# Default scoring encoding of a single-stage plan when the query names none: the first the
+# train set holds, most faithful first by the fidelity benchmark (mean top-5% overlap with f32
+# on real gradients).
 ENCODING_PREFERENCE = (
     "absmax8-centered", "absmax8", "absmax4-centered", "absmax4", "absmean8-centered", "absmean4-centered",
     "absmean2-centered", "absmean4", "absmean8", "sign1-centered", "absmean2", "sign1", "absmax2-centered",
     "absmax2", "f16", "f32",
 )
 FLOAT_PREFERENCE = ("f32", "f16")
+# The default two-stage plan: shortlist in the first 1-bit encoding held (symmetric, XOR +
+# popcount), rerank in the first faithful one held (asymmetric). absmax8 before the float
+# copies: as faithful at top 5% on real gradients, and a quarter of f32's bytes to read.
+SHORTLIST_PREFERENCE = ("sign1-centered", "sign1")
+RERANK_PREFERENCE = ("absmax8-centered", "absmax8", "f16", "f32")
+# Shortlist size over k when the query names none, chosen on real gradients
+# (benchmarks/bench_fidelity.py: the share of f32's top 5% the plan keeps, by oversample).
+DEFAULT_OVERSAMPLE = 4.0
+
+KERNEL_TEXT = {
+    "xor-popcount": "xor-popcount: every task row by XOR+popcount, mean per subtask fused",
+    "int-dot": "int-dot (VNNI) with the subtask collapse mean_v cos(g,v) = <g/|g|, mean_v v/|v|>,"
+               " one 15-bit integer vector per subtask",
+    "float-dot": "float-dot with the subtask collapse mean_v cos(g,v) = <g/|g|, mean_v v/|v|>,"
+                 " one float vector per subtask",
+}
 
 
 @dataclass(frozen=True)
 class TaskPlan:
     name: str
-    encoding: str  # of the task side
     n_rows: int
     subtasks: tuple[str, ...]
     starts: tuple[int, ...]  # rows of subtask s are order[starts[s]:starts[s+1]]
     order: tuple[int, ...]  # task rows grouped by subtask
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One scoring pass: over every row (the first stage) or over the shortlist (a rerank)."""
+
+    encoding: str
+    mode: str
+    kernel: str
+    task_encodings: tuple[str, ...]  # per task, in Plan.tasks order
+    keep: int | None  # rows it keeps: the shortlist, k, or None for SCORE
+
+    def to_dict(self) -> dict:
+        return {"encoding": self.encoding, "mode": self.mode, "kernel": self.kernel,
+                "task_encodings": list(self.task_encodings), "keep": self.keep}
 
 
 @dataclass(frozen=True)
@@ -46,13 +84,28 @@ class Plan:
     set_name: str
     n_rows: int
     k: int | None  # None: score every row
-    encoding: str
-    mode: str
-    kernel: str
     checkpoints: tuple[str, ...]
     weights: tuple[float, ...]
     tasks: tuple[TaskPlan, ...]
+    stages: tuple[Stage, ...]  # one, or a shortlist and its rerank
     notes: tuple[str, ...] = field(default=())
+
+    @property
+    def final(self) -> Stage:
+        """The stage whose scores the query returns."""
+        return self.stages[-1]
+
+    @property
+    def encoding(self) -> str:
+        return self.final.encoding
+
+    @property
+    def mode(self) -> str:
+        return self.final.mode
+
+    @property
+    def kernel(self) -> str:
+        return self.final.kernel
 
     def to_dict(self) -> dict:
         q = self.query
@@ -64,32 +117,41 @@ class Plan:
             "encoding": self.encoding,
             "mode": self.mode,
             "kernel": self.kernel,
-            "collapse": self.kernel == "float-dot",
+            "stages": [s.to_dict() for s in self.stages],
+            "rows_reread": self.stages[0].keep * len(self.checkpoints) if len(self.stages) > 1 else 0,
             "checkpoints": dict(zip(self.checkpoints, self.weights)),
             "weight": q.weight,
             "agg": q.agg,
             "combine": q.combine,
             "where": q.where.to_text() if q.where is not None else None,
             "tasks": [{"name": t.name, "rows": t.n_rows, "subtasks": len(t.subtasks),
-                       "encoding": t.encoding} for t in self.tasks],
+                       "encoding": self.final.task_encodings[i]} for i, t in enumerate(self.tasks)],
             "notes": list(self.notes),
         }
 
     def __str__(self) -> str:
-        lines = [f"QUERY      {self.query.to_text()}",
-                 f"SCAN       {self.set_name}: {self.n_rows} rows in blocks, "
-                 + ("all scores" if self.k is None else f"top {self.k} by a bounded heap"),
-                 f"ENCODING   {self.encoding} ({self.mode})"]
-        if self.kernel == "xor-popcount":
-            lines.append("KERNEL     xor-popcount: every task row by XOR+popcount, mean per subtask fused")
+        lines = [f"QUERY      {self.query.to_text()}"]
+        keep = "all scores" if self.k is None else f"top {self.k} by a bounded heap"
+        if len(self.stages) == 1:
+            lines += [f"SCAN       {self.set_name}: {self.n_rows} rows in blocks, {keep}",
+                      f"ENCODING   {self.encoding} ({self.mode})",
+                      f"KERNEL     {KERNEL_TEXT[self.kernel]}"]
         else:
-            lines.append("KERNEL     float-dot with the subtask collapse: "
-                         "mean_v cos(g,v) = <g/|g|, mean_v v/|v|>, one float vector per subtask")
+            first, second = self.stages
+            lines += [(f"SCAN       {self.set_name}: {self.n_rows} rows in blocks, a shortlist of"
+                       f" {first.keep} ({first.keep / self.k:.4g} x k) by a bounded heap"),
+                      f"ENCODING   {first.encoding} ({first.mode})",
+                      f"KERNEL     {KERNEL_TEXT[first.kernel]}",
+                      (f"RERANK     the shortlist's {first.keep} rows x {len(self.checkpoints)}"
+                       f" checkpoints read again in row order, block by block; {keep}"),
+                      f"ENCODING   {second.encoding} ({second.mode})",
+                      f"KERNEL     {KERNEL_TEXT[second.kernel]}"]
         weights = ", ".join(f"{c}={w:.4g}" for c, w in zip(self.checkpoints, self.weights))
         lines.append(f"WEIGHTS    {self.query.weight}: {weights}")
-        for t in self.tasks:
+        for i, t in enumerate(self.tasks):
+            encs = " then ".join(dict.fromkeys(s.task_encodings[i] for s in self.stages))
             lines.append(f"TASK       {t.name}: {t.n_rows} rows, {len(t.subtasks)} subtasks,"
-                         f" {t.encoding}, AGG {self.query.agg}")
+                         f" {encs}, AGG {self.query.agg}")
         if len(self.tasks) > 1:
             lines.append(f"COMBINE    {self.query.combine}")
         if self.query.where is not None:
@@ -127,22 +189,14 @@ def plan(store, query: Query) -> Plan:
         ckpts = [_checkpoint_name(c, all_ckpts) for c in query.checkpoints]
     weights = _weights(store, ckpts, query.weight, notes)
 
-    encoding = _choose_encoding(query, set_info)
-    enc = parse_encoding(encoding)
-    mode = query.mode or ("symmetric" if enc.kind == "sign" else "asymmetric")
-    if enc.is_float and mode == "symmetric":
-        mode = "asymmetric"  # both sides float: the two modes coincide
-    kernel = "xor-popcount" if (enc.kind == "sign" and mode == "symmetric") else "float-dot"
-
     tasks = []
     for name, info in task_infos.items():
-        task_enc = _task_encoding(name, info, enc, mode)
         for c in ckpts:
             if info["written"].get(c, 0) < info["n_rows"]:
                 raise SchemaMismatchError(
                     f"task {name!r} has {info['written'].get(c, 0)} of {info['n_rows']} rows at"
                     f" checkpoint {c!r}; finish its ingest first")
-        tasks.append(_task_plan(store, name, info, task_enc))
+        tasks.append(_task_plan(store, name, info))
 
     n_rows = store.n_rows(query.set_name, ckpts)
     if n_rows < set_info["n_rows"]:
@@ -153,8 +207,53 @@ def plan(store, query: Query) -> Plan:
         rows = store.iter_rows(query.set_name)
         pool = sum(query.where.evaluate(next(rows)) for _ in range(n_rows))
         notes.append(f"{query.top_percent:g}% of the {pool} rows that pass WHERE")
-    return Plan(query, query.set_name, n_rows, _k(query, pool), encoding, mode, kernel,
-                tuple(ckpts), weights, tuple(tasks), tuple(notes))
+    k = _k(query, pool)
+    stages = _stages(query, set_info, task_infos, k, pool, notes)
+    return Plan(query, query.set_name, n_rows, k, tuple(ckpts), weights, tuple(tasks), stages,
+                tuple(notes))
+
+
+def _stages(query: Query, set_info: dict, task_infos: dict, k: int | None, pool: int,
+            notes: list[str]) -> tuple[Stage, ...]:
+    """One stage, or a shortlist and its rerank (see the module docstring)."""
+    held = set_info["encodings"]
+    if query.rerank is not None:
+        _check_held(query.set_name, held, query.rerank)
+        first = query.encoding or next((e for e in SHORTLIST_PREFERENCE if e in held), None)
+        if first is None:
+            raise UnknownNameError(
+                f"RERANK needs a shortlist encoding: set {query.set_name!r} holds no 1-bit encoding"
+                f" ({', '.join(held)}); name one with ENCODING")
+        rerank, oversample = query.rerank, query.oversample or DEFAULT_OVERSAMPLE
+    else:
+        first = _choose_encoding(query, set_info)
+        rerank = None
+        if query.encoding is None and query.mode is None and k is not None:
+            default = next((e for e in SHORTLIST_PREFERENCE if e in held), None)
+            rerank = next((e for e in RERANK_PREFERENCE if e in held), None) if default else None
+            first = default if rerank is not None else first
+        oversample = DEFAULT_OVERSAMPLE
+    if rerank is None:
+        return (_stage(first, query.mode, query, task_infos, k),)
+    shortlist = min(pool, math.ceil(oversample * k))
+    if shortlist >= pool:
+        notes.append(f"a shortlist of {oversample:g} x {k} rows would hold every row: one stage")
+        return (_stage(rerank, "asymmetric", query, task_infos, k),)
+    return (_stage(first, query.mode, query, task_infos, shortlist),
+            _stage(rerank, "asymmetric", query, task_infos, k))
+
+
+def _stage(encoding: str, mode: str | None, query: Query, task_infos: dict, keep: int | None) -> Stage:
+    enc = parse_encoding(encoding)
+    mode = mode or ("symmetric" if enc.kind == "sign" else "asymmetric")
+    if enc.is_float and mode == "symmetric":
+        mode = "asymmetric"  # both sides float: the two modes coincide
+    if enc.kind == "sign" and mode == "symmetric":
+        kernel = "xor-popcount"
+    else:
+        kernel = "float-dot" if enc.is_float else "int-dot"
+    task_encs = tuple(_task_encoding(name, info, enc, mode) for name, info in task_infos.items())
+    return Stage(enc.name, mode, kernel, task_encs, keep)
 
 
 def _checkpoint_name(name: str, all_ckpts: list[str]) -> str:
@@ -195,13 +294,16 @@ def _weights(store, ckpts: list[str], weight: str, notes: list[str]) -> tuple[fl
     return tuple(1.0 / len(ckpts) for _ in ckpts)
 
 
+def _check_held(set_name: str, held, name: str) -> None:
+    if name not in held:
+        raise UnknownNameError(f"set {set_name!r} has no encoding {name!r}; it holds: {', '.join(held)}")
+
+
 def _choose_encoding(query: Query, set_info: dict) -> str:
     held = set_info["encodings"]
     if query.encoding is not None:
         name = parse_encoding(query.encoding).name
-        if name not in held:
-            raise UnknownNameError(
-                f"set {query.set_name!r} has no encoding {name!r}; it holds: {', '.join(held)}")
+        _check_held(query.set_name, held, name)
         return name
     for name in ENCODING_PREFERENCE:
         if name in held:
@@ -223,11 +325,11 @@ def _task_encoding(task: str, info: dict, enc: Encoding, mode: str) -> str:
     raise UnknownNameError(f"{why} needs task {task!r} in f32 or f16; it holds: {', '.join(held)}")
 
 
-def _task_plan(store, name: str, info: dict, encoding: str) -> TaskPlan:
+def _task_plan(store, name: str, info: dict) -> TaskPlan:
     subtasks = [r["subtask"] if r["subtask"] is not None else name for r in store.rows(name)]
     names = list(dict.fromkeys(subtasks))
     order, starts = [], [0]
     for s in names:
         order.extend(i for i, t in enumerate(subtasks) if t == s)
         starts.append(len(order))
-    return TaskPlan(name, encoding, len(subtasks), tuple(names), tuple(starts), tuple(order))
+    return TaskPlan(name, len(subtasks), tuple(names), tuple(starts), tuple(order))
