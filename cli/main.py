@@ -20,7 +20,17 @@ from qless.data import (  # torch-free: the engine install has it
 )
 
 from .output import emit, note, output_options, silent_option, store_option
-from .params import CONDITION, ENCODING, ENCODINGS, FLOATS, NAME, NAMES, SELECTION_SIZE, SHARD, requires
+from .params import (
+    CONDITION,
+    ENCODING,
+    ENCODINGS,
+    FLOATS,
+    NAME,
+    NAMES,
+    SELECTION_SIZE,
+    SHARD,
+    requires,
+)
 
 
 def handle_errors(fn):
@@ -55,7 +65,8 @@ def cli() -> None:
 @click.option("--set", "set_name", type=NAME, help="Training set to select from (default: the store's only one).")
 @click.option("--encoding", type=ENCODING, help="Encoding to score with (default: chosen by the planner).")
 @click.option("--mode", type=click.Choice(["symmetric", "asymmetric"]), help="Quantize the task side too?")
-@click.option("--rerank", help="Rescore a shortlist in this encoding (default plan: absmax8 after sign1-centered).")
+@click.option("--rerank", type=ENCODING,
+              help="Rescore a shortlist in this encoding (default plan: absmax8 after sign1-centered).")
 @click.option("--oversample", type=click.FloatRange(1, 10**6), help="Shortlist size over k (with --rerank).")
 @click.option("--agg", type=click.Choice(["max", "mean"]), help="Across subtasks (LESS: max, QLESS: mean).")
 @click.option("--combine", type=click.Choice(["mean", "max", "sum"]), help="Across several tasks.")

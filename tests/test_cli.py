@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from gradstore_cli.main import cli
 
 import gradstore
-from gradstore_cli.main import cli
 
 
 @pytest.fixture
@@ -91,6 +91,9 @@ def test_rerank_flags_compile_to_the_clause(store_path):
      ("Error: Invalid value for '--encoding': unknown encoding 'absmax3': expected one of f32, f16, absmax8,"
      " absmax4, absmax2, absmean8, absmean4, absmean2, sign1 (quantized ones may add -global and/or"
      " -centered)\n")),
+    (["query", "-t", "mmlu", "--rerank", "f8"], 2,
+     "Error: Invalid value for '--rerank': unknown encoding 'f8': expected one of f32, f16, absmax8, absmax4,"
+     " absmax2, absmean8, absmean4, absmean2, sign1 (quantized ones may add -global and/or -centered)\n"),
     (["query", "-t", "mmlu", "--k", "5%x"], 2,
      ("Error: Invalid value for '--k': expected a positive count (such as 100) or a percentage greater"
      " than 0 and at most 100 (such as 5%), not '5%x'\n")),
