@@ -341,7 +341,8 @@ def run_warmup(cfg: Config, run: RunDir, pool) -> list[dict]:
 
 
 def run_ingest(cfg: Config, run: RunDir, pool, tasks, infos) -> None:
-    from qless.ingest import ingest, read_checkpoints
+    from qless.checkpoint import read_checkpoints
+    from qless.ingest import ingest
 
     ckpts = read_checkpoints([i["path"] for i in infos])
     jobs = [("train", pool, "train")] + [(name, ex, "task") for name, ex in tasks.items()]

@@ -9,7 +9,10 @@ Synthetic vectors are streamed in batches of 4096 rows per write transaction, ge
 per batch for all the quantized stores; f16 (17.7 GB at full shape) is built last, on its own.
 For each store: du and apparent size of data.mdb, the raw packed bits
 (rows x dims x ckpts x bits / 8), the ratio, the pages per named database (branch, leaf,
-overflow) and the free pages, then the store is deleted. QLESS's reported sizes sit beside
+overflow) and the free pages; then the same after `gradstore.compact` (what ingest, merge and
+requantize leave), then the store is deleted. The issue-14 check:
+
+    python benchmarks/bench_memory.py --rows 100000 --batch 10000 --encodings sign1 QLESS's reported sizes sit beside
 them. Writes benchmarks/results/memory.json (memory_quick.json with --quick).
 """
 
@@ -35,6 +38,8 @@ from common import (
     remove_store,
     write_json,
 )
+
+import gradstore
 
 ENCODINGS = ("absmax8", "absmax4", "absmax2", "sign1", "f16")
 BITS = {"f16": 16, "absmax8": 8, "absmax4": 4, "absmax2": 2, "sign1": 1}
@@ -117,10 +122,17 @@ def main(argv=None) -> dict:
         for e in group:
             m = measure(paths[e], e, shape, n, rep.seconds_write[str(paths[e])])
             m["pass_wall_seconds"] = wall
+            t0 = time.perf_counter()
+            gradstore.compact(paths[e], min_free=0)
+            c = measure(paths[e], e, shape, n, m["build_seconds"])
+            m["compacted"] = {"seconds": time.perf_counter() - t0, "du_bytes": c["du_bytes"],
+                              "apparent_bytes": c["apparent_bytes"], "ratio_du": c["ratio_du"],
+                              "free_pages": c["pages"]["free_pages"]}
             results["stores"][e] = m
             print(f"  {e}: du {m['du_bytes']:,} B, raw {m['raw_bytes']:,} B, ratio {m['ratio_du']:.4f}"
                   f" (blocks alone {m['ratio_blocks']:.4f}; row metadata {m['row_metadata_bytes']:,} B;"
-                  f" free pages {m['pages']['free_pages']:,})", flush=True)
+                  f" free pages {m['pages']['free_pages']:,}); compacted in {m['compacted']['seconds']:.1f} s:"
+                  f" du {c['du_bytes']:,} B, ratio {c['ratio_du']:.4f}", flush=True)
             if not args.keep:
                 remove_store(paths[e])
 
@@ -132,12 +144,12 @@ def main(argv=None) -> dict:
         rows.append([e, m["bits"], m["du_bytes"] / 1e9, m["du_bytes"] / 2**30,
                      m["apparent_bytes"] / 2**30, m["raw_bytes"] / 2**30, m["ratio_du"],
                      m["ratio_blocks"], m["row_metadata_bytes"] / 2**20,
-                     m["pages"]["free_bytes"] / 2**20,
+                     m["pages"]["free_bytes"] / 2**20, m["compacted"]["ratio_du"],
                      (f"{paper:.2f}" if paper else "-") if full else "(n/a: not full shape)",
                      m["build_seconds"]])
     results["table"] = print_table(
         ["encoding", "bits", "du GB", "du GiB", "apparent GiB", "raw GiB", "du/raw",
-         "blocks/raw", "row meta MiB", "free MiB", "QLESS GB", "write s"], rows,
+         "blocks/raw", "row meta MiB", "free MiB", "compacted du/raw", "QLESS GB", "write s"], rows,
         title=f"\nStore size: {n:,} rows x {shape.dim} x {len(shape.lrs)} ckpts "
               "(raw = rows x dims x ckpts x bits / 8; target du/raw <= 1.03)")
     name = "memory_quick" if args.quick else "memory" if n == 270_679 else f"memory_{n}"

@@ -30,6 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 import gradstore
+from qless.data import Example
 
 ROOT = Path(__file__).resolve().parent
 RESULTS_DIR = ROOT / "results"
@@ -310,7 +311,7 @@ def _source_bounds(n_train: int) -> list[tuple[str, int, int]]:
 
 
 def train_metadata(n_train: int, row0: int, n: int) -> tuple[list[str], list[dict]]:
-    """Ids and metadata as the real ingest stores them (qless.ingest._write)."""
+    """Ids and row metadata (`Example.to_row`, what the real ingest stores) of synthetic rows."""
     ids, metas = [], []
     bounds = _source_bounds(n_train)
     for row in range(row0, row0 + n):
@@ -322,9 +323,10 @@ def train_metadata(n_train: int, row0: int, n: int) -> tuple[list[str], list[dic
         tokens = 64 + (h >> 8) % 1984
         ids.append(f"{name}_{cat}_{k}")
         # byte offset of line k: lines average ~4.2 bytes per token plus JSON framing
-        metas.append({"source": name, "category": cat, "tokens": int(tokens),
-                      "source_file": f"/data/less/train/processed/{name}/{name}_data.jsonl",
-                      "offset": int(k * 2150 + (h % 997)), "line": k + 1})
+        ex = Example(ids[-1], [], [], f"/data/less/train/processed/{name}/{name}_data.jsonl",
+                     int(k * 2150 + (h % 997)), k + 1,
+                     metadata={"source": name, "category": cat, "tokens": int(tokens)})
+        metas.append(ex.to_row())
     return ids, metas
 
 

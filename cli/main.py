@@ -14,8 +14,23 @@ import gradstore
 from gradstore.encodings import DEFAULT_ENCODINGS
 from gradstore.query import compose
 from gradstore.query.planner import Plan
+from qless.data import (  # torch-free: the engine install has it
+    DEFAULT_CHAT_FORMAT,
+    DEFAULT_MAX_LENGTH,
+)
 
 from .output import emit, note, output_options, silent_option, store_option
+from .params import (
+    CONDITION,
+    ENCODING,
+    ENCODINGS,
+    FLOATS,
+    NAME,
+    NAMES,
+    SELECTION_SIZE,
+    SHARD,
+    requires,
+)
 
 
 def handle_errors(fn):
@@ -44,18 +59,20 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("query_text", required=False, metavar="[QUERY]")
-@click.option("--task", "-t", "tasks", multiple=True, help="Target task set (repeatable).")
-@click.option("--k", "k", default="5%", show_default=True, help="How many to select: a count or a percentage.")
-@click.option("--set", "set_name", help="Training set to select from (default: the store's only one).")
-@click.option("--encoding", help="Encoding to score with (default: chosen by the planner).")
+@click.option("--task", "-t", "tasks", multiple=True, type=NAME, help="Target task set (repeatable).")
+@click.option("--k", "k", default="5%", show_default=True, type=SELECTION_SIZE,
+              help="How many to select: a count or a percentage.")
+@click.option("--set", "set_name", type=NAME, help="Training set to select from (default: the store's only one).")
+@click.option("--encoding", type=ENCODING, help="Encoding to score with (default: chosen by the planner).")
 @click.option("--mode", type=click.Choice(["symmetric", "asymmetric"]), help="Quantize the task side too?")
-@click.option("--rerank", help="Rescore a shortlist in this encoding (default plan: absmax8 after sign1-centered).")
+@click.option("--rerank", type=ENCODING,
+              help="Rescore a shortlist in this encoding (default plan: absmax8 after sign1-centered).")
 @click.option("--oversample", type=click.FloatRange(1, 10**6), help="Shortlist size over k (with --rerank).")
 @click.option("--agg", type=click.Choice(["max", "mean"]), help="Across subtasks (LESS: max, QLESS: mean).")
 @click.option("--combine", type=click.Choice(["mean", "max", "sum"]), help="Across several tasks.")
-@click.option("--checkpoints", help="Comma-separated checkpoint names (default: all).")
+@click.option("--checkpoints", type=NAMES, help="Comma-separated checkpoint names (default: all).")
 @click.option("--weight", type=click.Choice(["lr", "uniform"]), help="Checkpoint weights.")
-@click.option("--where", help="Filter on row metadata, e.g. \"source = 'dolly'\".")
+@click.option("--where", type=CONDITION, help="Filter on row metadata, e.g. \"source = 'dolly'\".")
 @click.option("--explain", is_flag=True, help="Print the plan; do not scan.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the selected source records here (JSONL).")
 @store_option()
@@ -90,6 +107,8 @@ def query(query_text, tasks, k, set_name, encoding, mode, rerank, oversample, ag
         if isinstance(result, Plan):
             click.echo(str(result))
             return
+        for line in result.plan.notes:
+            note(line, silent)
         note(f"{len(result)} rows selected by: {result.plan.query.to_text()}", silent)
         emit(result.to_dicts(), fmt, ["rank", "id", "score", "source", "category", "subtask"]
              if fmt == "table" else None)
@@ -130,20 +149,18 @@ def info(store_path, fmt):
         emit(centroids, fmt)
 
 
-def _csv_list(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
-
-
 def model_options(fn):
     """--model, --dtype, --quant, --max-length, --chat-format: how examples meet the model."""
     for option in reversed([
         click.option("--model", default="smollm2-135m", show_default=True, help="HF folder, hub id or smollm2-135m."),
         click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True),
         click.option("--quant", type=click.Choice(["nf4", "int8"]), help="QLoRA base model via bitsandbytes."),
-        click.option("--max-length", default=2048, show_default=True, help="Truncate examples to this many tokens."),
-        click.option("--chat-format", type=click.Choice(["tulu", "template"]), default="tulu", show_default=True,
+        click.option("--max-length", default=DEFAULT_MAX_LENGTH, show_default=True,
+                     help="Truncate examples to this many tokens."),
+        click.option("--chat-format", type=click.Choice(["tulu", "template"]), default=DEFAULT_CHAT_FORMAT,
+                     show_default=True,
                      help="Prompt format for pool and tasks alike: LESS's tulu text, or the tokenizer's chat template."),
-        click.option("--skip-invalid", is_flag=True, help="Skip bad lines (reported at the end) instead of stopping."),
+        click.option("--skip-invalid", is_flag=True, help="Skip malformed lines (reported at the end) instead of stopping."),
     ]):
         fn = option(fn)
     return fn
@@ -176,7 +193,8 @@ def warmup(data, out_dir, percentage, epochs, lr, lora_r, lora_alpha, lora_dropo
 
         gradstore warmup --data pool.jsonl --out warmup --percentage 0.05 --epochs 4
     """
-    from qless.warmup import warmup_files
+    with requires("qless"):
+        from qless.warmup import warmup_files
 
     report, infos = warmup_files(
         data, out_dir, model, percentage=percentage, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
@@ -190,21 +208,23 @@ def warmup(data, out_dir, percentage, epochs, lr, lora_r, lora_alpha, lora_dropo
 @cli.command()
 @click.option("--data", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Training pool JSONL (repeatable); with --task NAME, the task's JSONL.")
-@click.option("--set", "set_name", default="train", show_default=True, help="Name of the training set.")
-@click.option("--task", help="Ingest a target task instead: mmlu, bbh, tydiqa, a demo task, or NAME with --data.")
+@click.option("--set", "set_name", type=NAME, default="train", show_default=True, help="Name of the training set.")
+@click.option("--task", type=NAME, help="Ingest a target task instead: mmlu, bbh, tydiqa, a demo task, or NAME with --data.")
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False),
               help="LESS's data folder for built-in tasks (holds eval/mmlu, eval/bbh, eval/tydiqa).")
 @click.option("--checkpoint", "checkpoints", multiple=True, required=True,
               type=click.Path(exists=True, file_okay=False), help="LoRA checkpoint folder (repeatable).")
-@click.option("--lr", "lrs", help="Comma-separated learning rates, one per checkpoint (default: from qless_checkpoint.json).")
+@click.option("--lr", "lrs", type=FLOATS, help="Comma-separated learning rates, one per checkpoint (default: the folder's"
+              " qless_checkpoint.json, or the mean lr a Trainer's trainer_state.json logged in the epoch).")
 @model_options
-@click.option("--encodings", default=",".join(DEFAULT_ENCODINGS), show_default=True, help="Comma-separated encodings to store.")
+@click.option("--encodings", default=",".join(DEFAULT_ENCODINGS), show_default=True, type=ENCODINGS,
+              help="Comma-separated encodings to store.")
 @click.option("--dim", default=8192, show_default=True, help="Projection dimension.")
 @click.option("--projection", type=click.Choice(["sparse-rademacher", "dense-rademacher"]),
               default="sparse-rademacher", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Projection seed.")
 @click.option("--batch-size", default=32, show_default=True, help="Rows per store transaction.")
-@click.option("--shard", help="i/n: ingest the i-th of n contiguous shards (default: from torchrun/accelerate).")
+@click.option("--shard", type=SHARD, help="i/n: ingest the i-th of n contiguous shards (default: from torchrun/accelerate).")
 @store_option()
 @silent_option
 @handle_errors
@@ -220,21 +240,33 @@ def ingest(data, set_name, task, data_dir, checkpoints, lrs, model, dtype, quant
 
         gradstore ingest --task mmlu --data-dir ../shared/data --checkpoint warmup/epoch-1
     """
-    from qless.ingest import ingest_files, parse_shard
+    with requires("qless"):
+        from qless.ingest import ingest_files, parse_shard
 
     read_report, report = ingest_files(
         store_path, checkpoints, model, data=data, set_name=set_name, task=task, data_dir=data_dir,
-        lrs=[float(x) for x in _csv_list(lrs)] if lrs else None, max_length=max_length,
-        chat_format=chat_format, skip_invalid=skip_invalid, encodings=_csv_list(encodings), dim=dim,
-        projection=projection,
-        seed=seed, dtype=dtype, quant=quant, batch_size=batch_size, shard=parse_shard(shard),
+        lrs=lrs, max_length=max_length, chat_format=chat_format, skip_invalid=skip_invalid,
+        encodings=encodings, dim=dim, projection=projection, seed=seed, dtype=dtype, quant=quant,
+        batch_size=batch_size, shard=shard or parse_shard(None),
         progress=not silent)
     if read_report is not None:
         note(read_report.summary(), silent)
     note(report.summary(), silent)
+    _compact(store_path, silent)
 
 
-# ---- store operations: merge, requantize, compare, check (gradstore.ops) -----------------
+def _compact(store_path, silent: bool) -> None:
+    """After a command that wrote the store: drop the free pages the writes left in the file."""
+    try:
+        done = gradstore.compact(store_path)
+    except gradstore.StoreBusyError as exc:
+        note(f"not compacted: {exc} (`gradstore compact`)", silent)
+        return
+    if done:
+        note(f"compacted {store_path}: {done[0]:,} -> {done[1]:,} bytes", silent)
+
+
+# ---- store operations: merge, requantize, compare, check, compact (gradstore.ops) ---------
 
 def _progress(silent: bool):
     """A tqdm factory for the library's `progress` (on stderr), or None when silent."""
@@ -273,9 +305,9 @@ def merge(sources, out, fmt, silent):
 
 
 @cli.command()
-@click.option("--set", "set_name", help="Set to requantize (default: every set).")
-@click.option("--to", "to", required=True, help="Comma-separated encodings to derive, e.g. absmax4,sign1-global.")
-@click.option("--from", "source", help="Encoding to derive from (default: the best float the set holds).")
+@click.option("--set", "set_name", type=NAME, help="Set to requantize (default: every set).")
+@click.option("--to", "to", required=True, type=ENCODINGS, help="Comma-separated encodings to derive, e.g. absmax4,sign1-global.")
+@click.option("--from", "source", type=ENCODING, help="Encoding to derive from (default: the best float the set holds).")
 @click.option("--allow-lossy", is_flag=True, help="Allow deriving from a quantized encoding.")
 @click.option("--replace", is_flag=True, help="Rebuild encodings the set already holds.")
 @click.option("--recenter", is_flag=True,
@@ -302,9 +334,10 @@ def requantize(set_name, to, source, allow_lossy, replace, recenter, store_path,
     from gradstore import ops
 
     with gradstore.open(store_path, readonly=False) as store:
-        done = ops.requantize(store, set_name, to=_csv_list(to), source=source, allow_lossy=allow_lossy,
+        done = ops.requantize(store, set_name, to=to, source=source, allow_lossy=allow_lossy,
                               replace=replace, recenter=recenter, progress=_progress(silent))
     note(f"derived {len(done)} encodings", silent)
+    _compact(store_path, silent)
     emit([{"set": d["set"], "encoding": d["encoding"], "from": d["from"],
            "rows": sum(d["rows"].values()), "replaced": d["replaced"], "scales": d["scales"]}
           for d in done], fmt)
@@ -312,11 +345,12 @@ def requantize(set_name, to, source, allow_lossy, replace, recenter, store_path,
 
 @cli.command()
 @click.argument("queries", nargs=-1, metavar="[QUERY_A QUERY_B]")
-@click.option("--task", "-t", "tasks", multiple=True, help="Task to score with --a/--b encodings (repeatable).")
-@click.option("--a", "enc_a", help="First encoding.")
-@click.option("--b", "enc_b", help="Second encoding.")
-@click.option("--k", "k", default="5%", show_default=True, help="Top k for the overlap: a count or a percentage.")
-@click.option("--set", "set_name", help="Training set (default: the store's only one).")
+@click.option("--task", "-t", "tasks", multiple=True, type=NAME, help="Task to score with --a/--b encodings (repeatable).")
+@click.option("--a", "enc_a", type=ENCODING, help="First encoding.")
+@click.option("--b", "enc_b", type=ENCODING, help="Second encoding.")
+@click.option("--k", "k", default="5%", show_default=True, type=SELECTION_SIZE,
+              help="Top k for the overlap: a count or a percentage.")
+@click.option("--set", "set_name", type=NAME, help="Training set (default: the store's only one).")
 @store_option()
 @output_options
 @handle_errors
@@ -376,6 +410,25 @@ def check(fix, store_path, silent):
         note(f"{_problems(report)} found and fixed", silent)
 
 
+@cli.command()
+@store_option()
+@silent_option
+@handle_errors
+def compact(store_path, silent):
+    """Rewrite the store's file without the free pages that writes left in it.
+
+    ingest, merge and requantize do this when they finish and it saves over 1%; it needs the
+    store closed by every other process.
+
+    Example:
+
+        gradstore compact --store ./gradstore
+    """
+    done = gradstore.compact(store_path, min_free=0)
+    note(f"{store_path}: {done[0]:,} -> {done[1]:,} bytes" if done else f"{store_path}: no free pages",
+         silent)
+
+
 def _problems(report) -> str:
     n = len(report.findings)
     return f"{n} problem{'' if n == 1 else 's'}"
@@ -396,17 +449,18 @@ def demo(store_path, silent):
 
         gradstore demo --store ./gradstore-demo
     """
-    from qless.demo import run_demo
+    with requires("qless"):
+        from qless.demo import run_demo
 
     run_demo(store_path, echo=click.echo, progress=not silent)
 
 
 @cli.command()
-@click.option("--task", "-t", "tasks", multiple=True, required=True, help="Target task set (repeatable).")
-@click.option("--encodings", help="Encodings to compare (default: all the set holds); the selection"
+@click.option("--task", "-t", "tasks", multiple=True, type=NAME, required=True, help="Target task set (repeatable).")
+@click.option("--encodings", type=ENCODINGS, help="Encodings to compare (default: all the set holds); the selection"
               " shown is the first one's.")
-@click.option("--k", default="5%", show_default=True, help="Selection size: a count or a percentage.")
-@click.option("--set", "set_name", help="Training set (default: the store's only one).")
+@click.option("--k", default="5%", show_default=True, type=SELECTION_SIZE, help="Selection size: a count or a percentage.")
+@click.option("--set", "set_name", type=NAME, help="Training set (default: the store's only one).")
 @click.option("--by", "field", default="category", show_default=True, help="Row metadata field to break the selection down by.")
 @click.option("-o", "--out", "out_path", default="gradstore-plot.png", show_default=True, type=click.Path(dir_okay=False))
 @store_option()
@@ -419,8 +473,10 @@ def plot(tasks, encodings, k, set_name, field, out_path, store_path, silent):
 
         gradstore plot --task mmlu --encodings f16,absmax8,sign1-centered --by source -o mmlu.png
     """
-    from gradstore.plot import plot_selection
+    with requires("plot"):
+        import matplotlib  # noqa: F401  (plot_selection imports it when it draws)
+    from .plot import plot_selection
 
     with gradstore.open(store_path) as store:
-        plot_selection(store, out_path, tasks, _csv_list(encodings), k=k, set_name=set_name, field=field)
+        plot_selection(store, out_path, tasks, encodings, k=k, set_name=set_name, field=field)
     note(f"wrote {out_path}", silent)

@@ -14,19 +14,20 @@ from .errors import (
     QuerySyntaxError,
     ReadOnlyError,
     SchemaMismatchError,
+    StoreBusyError,
     StoreExistsError,
     StoreNotFoundError,
     UnknownNameError,
-    WriterBusyError,
 )
 
 __version__ = "0.1.0"
 
-from .store import Block, Store, create, open  # noqa: E402,A004  (gradstore.open is the API)
+from .store import Block, Store, compact, create, open  # noqa: E402,A004  (gradstore.open is the API)
 
 __all__ = [
     "Block",
     "Store",
+    "compact",
     "create",
     "open",
     "Encoding",
@@ -40,8 +41,8 @@ __all__ = [
     "QuerySyntaxError",
     "ReadOnlyError",
     "SchemaMismatchError",
+    "StoreBusyError",
     "StoreExistsError",
     "StoreNotFoundError",
     "UnknownNameError",
-    "WriterBusyError",
 ]

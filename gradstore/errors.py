@@ -17,7 +17,7 @@ class StoreExistsError(GradstoreError, FileExistsError):
 
 
 class FormatVersionError(GradstoreError, ValueError):
-    "The store was written by a newer, unknown format version."
+    "The store was written in another format version (older or newer) than this gradstore reads."
 
 
 class ReadOnlyError(GradstoreError, PermissionError):
@@ -51,8 +51,8 @@ class DiskFullError(GradstoreError, OSError):
     "The disk filled up during a write: that batch is not in the store, every earlier one is."
 
 
-class WriterBusyError(GradstoreError, BlockingIOError):
-    "Another process holds the store's write lock."
+class StoreBusyError(GradstoreError, BlockingIOError):
+    "Another process has the store open, so its data file cannot be rewritten now."
 
 
 class QuerySyntaxError(GradstoreError, ValueError):

@@ -2,8 +2,9 @@
 
 - ``merge(sources, out)``: combine stores computed separately (shards of one pool, or
   checkpoints) into a new store after checking that they are compatible. The new store is
-  built in a temporary directory next to `out` and renamed at the end, so a killed merge
-  leaves nothing at `out`; sources are opened read-only. Rows are copied in stored form, so
+  built in a temporary directory next to `out`, compacted, and renamed at the end, so a killed
+  merge leaves nothing at `out` (the next merge to `out` removes its temporary directory);
+  sources are opened read-only. Rows are copied in stored form, so
   quantized encodings make no lossy round trip.
 - ``requantize(store, ...)``: derive lower encodings (per-row or ``-global``) from the float
   master without the model. Blocks are staged under a key nothing points at, then one
@@ -11,8 +12,8 @@
 - ``compare(store, a, b, ...)``: how well two encodings or two queries agree: Spearman
   correlation of their scores over every row and the overlap of their top k.
 - ``check(store, fix=False)``: verify every block (framing, crc32), that blocks cover exactly
-  the rows `written` says, that the rows and ids indexes agree; ``fix`` keeps what verifies
-  and drops the rest, saying what it dropped.
+  the rows `written` says, that every row metadata chunk is whole and no id repeats; ``fix``
+  keeps what verifies and drops the rest, saying what it dropped.
 
 Long operations take `progress`: a callable (total=, desc=) -> an object with update(n) and
 close(), which tqdm fits; the default shows nothing. The library never prints.
@@ -21,6 +22,7 @@ close(), which tqdm fits; the default shows nothing. The library never prints.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -51,11 +53,13 @@ from .store import (
     _dumps,
     _enc_key,
     alternate_key,
+    compact,
     create,
     decode_block,
     decode_rows,
     encode_block,
     encode_rows,
+    in_use,
     parse_block_key,
 )
 from .store import open as open_store
@@ -120,9 +124,16 @@ def merge(sources: Sequence, out, batch_rows: int = 4096, progress: Callable | N
         plan = _merge_plan(stores)
         parent = os.path.dirname(out_real)
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_real)}.", suffix=".merging", dir=parent)
+        prefix = f".{os.path.basename(out_real)}."
+        for stale in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*.merging")):
+            if not in_use(stale):  # a killed merge's; a running merge keeps its store open
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix=prefix, suffix=".merging", dir=parent)
         try:
             _merge_build(stores, plan, tmp, batch_rows, progress)
+            compacted = compact(tmp)
+            if compacted:
+                plan["notes"].append(f"compacted: {compacted[0]:,} -> {compacted[1]:,} bytes")
             if os.path.isdir(out_real) and not os.listdir(out_real):
                 os.rmdir(out_real)
             os.rename(tmp, out_real)  # the store appears whole, or not at all
@@ -549,8 +560,8 @@ def check(store, fix: bool = False, progress: Callable | None = None) -> CheckRe
     later row of that (set, checkpoint) untrustworthy: fix cuts `written` back to the first
     bad row, for every encoding, so the store stays one consistent prefix per checkpoint and a
     resumed ingest recomputes exactly what was dropped. Orphan blocks (a killed requantize
-    leaves some) and orphan rows are deleted; the ids index is rebuilt from the rows. Do not
-    run fix while another process writes the store.
+    leaves some) and orphan rows are deleted. Do not run fix while another process writes the
+    store.
     """
     if fix and store.readonly:
         raise ReadOnlyError(f"{store.path}: store is open read-only; open it with readonly=False")

@@ -10,8 +10,9 @@ Formats (one JSON object per line, detected per record):
 
 Chat formatting of messages (``chat_format``):
 - ``"template"``: the tokenizer's own chat template;
-- ``"tulu"``: LESS's ``concat_messages`` (``<|user|>\\n...\\n<|assistant|>\\n...EOS\\n``);
-- ``"auto"`` (default): the template when the tokenizer has one, else tulu.
+- ``"tulu"`` (`DEFAULT_CHAT_FORMAT`, as LESS): ``concat_messages``
+  (``<|user|>\\n...\\n<|assistant|>\\n...EOS\\n``);
+- ``"auto"``: the template when the tokenizer has one, else tulu.
 Either way labels are masked as LESS's ``encode_with_messages_format`` does: every token of a
 non-assistant message, including the next assistant header, is -100; what is left is each
 assistant reply plus its end-of-turn marker (EOS + newline for tulu, ``<|im_end|>\\n`` for ChatML).
@@ -19,7 +20,9 @@ Message contents are stripped in both formats, as LESS's ``concat_messages`` doe
 
 Ids are the record's ``id`` field, else the sha1 of the record's canonical JSON, so an example
 keeps its id wherever its line moves. Bad lines raise `DataError` (``file.jsonl:17: reason``),
-or with ``skip_invalid=True`` are skipped and listed in a `ReadReport`.
+or with ``skip_invalid=True`` are skipped and listed in a `ReadReport`. A pool record whose
+prompt fills ``max_length`` is valid but leaves no response token: it is always skipped and
+listed.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ import numpy as np
 
 IGNORE_INDEX = -100
 DEFAULT_MAX_LENGTH = 2048  # LESS's default max_seq_length
+# One prompt format for pools and tasks alike (LESS's): gradients of a pool and of its target
+# tasks in two formats are not comparable, so every reader and stage defaults to this one.
+DEFAULT_CHAT_FORMAT = "tulu"
 CHAT_FORMATS = ("auto", "template", "tulu")
 ROLES = ("system", "user", "assistant")
 
@@ -49,23 +55,27 @@ class DataError(ValueError):
         self.reason = reason
 
 
+class ResponseTruncatedError(ValueError):
+    "Truncation to max_length left a valid record no response token to learn from."
+
+
 @dataclass(frozen=True)
 class Example:
-    """One tokenized example (see docs/CONTRACTS.md, "qless: examples flow").
+    """One tokenized example: what the readers yield and ingest turns into one store row.
 
     For records read from JSONL, ``offset``/``line`` locate the record's line. Task examples built
     from a JSON file (bbh, tydiqa) have ``offset = -1`` and ``line = 0``; mmlu rows carry the byte
     offset and first physical line of their CSV record.
     """
 
-    id: str
+    id: str  # the record's "id", else its content hash: never a line index
     input_ids: list[int]
-    labels: list[int]
-    source_file: str
-    offset: int
-    line: int
-    subtask: str | None = None
-    metadata: dict = field(default_factory=dict)
+    labels: list[int]  # IGNORE_INDEX on every non-response token
+    source_file: str  # absolute path
+    offset: int  # byte offset of the record's line in source_file
+    line: int  # 1-based line number
+    subtask: str | None = None  # task rows: the mmlu subject, bbh task or tydiqa language
+    metadata: dict = field(default_factory=dict)  # JSON-safe: source, category, tokens, ...
 
     def to_row(self) -> dict:
         """The row metadata the store keeps: everything but the token lists (JSON-safe)."""
@@ -83,7 +93,7 @@ class Example:
 
 @dataclass(frozen=True)
 class Skipped:
-    "One line left out under ``skip_invalid``."
+    "One line left out: malformed (under ``skip_invalid``) or truncated to no response."
 
     file: str
     line: int
@@ -299,7 +309,8 @@ def encode_prompt_completion(
 
 
 def encode_record(
-    record: dict, tokenizer, max_length: int = DEFAULT_MAX_LENGTH, chat_format: str = "auto"
+    record: dict, tokenizer, max_length: int = DEFAULT_MAX_LENGTH,
+    chat_format: str = DEFAULT_CHAT_FORMAT,
 ) -> tuple[list[int], list[int]]:
     """Tokenize one record; raises ValueError(reason) for a bad record or no response left."""
     return _encode(_parse(record), tokenizer, max_length, chat_format)
@@ -315,7 +326,7 @@ def _encode(
             parsed.prompt, parsed.completion, tokenizer, max_length
         )
     if all(label == IGNORE_INDEX for label in labels):
-        raise ValueError(f"no response tokens left after truncation to {max_length} tokens")
+        raise ResponseTruncatedError(f"no response tokens left after truncation to {max_length} tokens")
     return input_ids, labels
 
 
@@ -406,7 +417,11 @@ def _iter_examples(
                     raise ValueError(f"duplicate id {rid!r} (first at {fname}:{fline})")
                 input_ids, labels = _encode(parsed, tokenizer, max_length, chat_format)
             except ValueError as e:
-                if not skip_invalid:
+                # A prompt that fills max_length is valid data with nothing left to learn (a real
+                # Dolly row with a 9,012-character context at 2,048 tokens): a pool skips and
+                # lists it unasked; a task keeps every row or stops, so its subtasks stay whole.
+                truncated = task is None and isinstance(e, ResponseTruncatedError)
+                if not (skip_invalid or truncated):
                     raise DataError(f"{name}:{line}", str(e)) from None
                 report.skipped.append(Skipped(name, line, str(e)))
                 continue
@@ -429,7 +444,7 @@ def iter_pool(
     tokenizer,
     max_length: int = DEFAULT_MAX_LENGTH,
     skip_invalid: bool = False,
-    chat_format: str = "auto",
+    chat_format: str = DEFAULT_CHAT_FORMAT,
     report: ReadReport | None = None,
 ) -> Iterator[Example]:
     """Stream a pool's examples in file and line order; skipped lines go to ``report``."""
@@ -448,7 +463,7 @@ def read_pool(
     tokenizer,
     max_length: int = DEFAULT_MAX_LENGTH,
     skip_invalid: bool = False,
-    chat_format: str = "auto",
+    chat_format: str = DEFAULT_CHAT_FORMAT,
 ) -> tuple[list[Example], ReadReport]:
     """Read one or more JSONL files into examples (file and line order) and a report.
 

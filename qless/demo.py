@@ -20,8 +20,9 @@ import gradstore
 from gradstore.encodings import DEFAULT_ENCODINGS
 from gradstore.ops import compare
 
+from .checkpoint import Checkpoint
 from .data import load_line, read_pool, sample_fraction
-from .ingest import Checkpoint, ingest
+from .ingest import ingest
 from .model import attach_lora, load_model, load_tokenizer
 from .selection import read_record_line
 from .tasks import DEMO_POOL_FILE, DEMO_TASKS, load_task
@@ -71,8 +72,8 @@ def run_demo(store_path: str | Path = "gradstore-demo", settings: DemoSettings =
     s = settings
     echo(f"[1/4] loading {s.model} and the demo pool")
     tokenizer = load_tokenizer(s.model)
-    pool, _ = read_pool([DEMO_POOL_FILE], tokenizer, max_length=s.max_length, chat_format="tulu")
-    tasks = {t: load_task(t, tokenizer, max_length=s.max_length, chat_format="tulu") for t in DEMO_TASKS}
+    pool, _ = read_pool([DEMO_POOL_FILE], tokenizer, max_length=s.max_length)
+    tasks = {t: load_task(t, tokenizer, max_length=s.max_length) for t in DEMO_TASKS}
 
     echo(f"[2/4] warmup: LoRA r={s.lora_r} on {s.warmup_fraction:.0%} of {len(pool)} rows, {s.epochs} epochs")
     model = attach_lora(load_model(s.model), r=s.lora_r, alpha=s.lora_alpha, dropout=0.1, seed=s.seed)

@@ -24,23 +24,12 @@ import gradstore
 from gradstore.encodings import DEFAULT_ENCODINGS
 from gradstore.errors import SchemaMismatchError
 
+from .checkpoint import Checkpoint, read_checkpoints
+from .data import DEFAULT_CHAT_FORMAT, DEFAULT_MAX_LENGTH
 from .gradients import GradientComputer
 from .model import load_adapter, load_model, lora_config_dict, model_identity
 from .optimizer_state import load_optimizer_state
 from .projection import DEFAULT_DIM, make_projection
-
-CHECKPOINT_INFO = "qless_checkpoint.json"
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A LoRA checkpoint folder and the learning rate that weights it."""
-
-    name: str
-    path: str
-    lr: float
-    step: int | None = None
-    epoch: int | None = None
 
 
 @dataclass
@@ -77,28 +66,6 @@ def shard_slice(items: Sequence, shard: tuple[int, int]) -> Sequence:
     i, n = shard
     size = len(items)
     return items[i * size // n:(i + 1) * size // n]
-
-
-def read_checkpoints(paths: Sequence[str], lrs: Sequence[float] | None = None) -> list[Checkpoint]:
-    """Checkpoints with their lr: from `qless_checkpoint.json` (our warmup), else `lrs`."""
-    from .warmup import read_checkpoint_info
-
-    if lrs is not None and len(lrs) != len(paths):
-        raise ValueError(f"{len(lrs)} learning rates for {len(paths)} checkpoints")
-    out = []
-    for i, path in enumerate(paths):
-        p = Path(path)
-        if not p.is_dir():
-            raise FileNotFoundError(f"{path}: no such checkpoint folder")
-        if lrs is not None:
-            out.append(Checkpoint(p.name, str(p.resolve()), float(lrs[i])))
-        elif (p / CHECKPOINT_INFO).is_file():
-            info = read_checkpoint_info(p)
-            out.append(Checkpoint(info.get("name", p.name), str(p.resolve()), float(info["lr"]),
-                                  info.get("step"), info.get("epoch")))
-        else:
-            raise ValueError(f"{path}: no {CHECKPOINT_INFO}; give the checkpoints' learning rates (--lr)")
-    return out
 
 
 def open_or_create(store_path, dim: int, projection: dict, model: dict, lora: dict) -> gradstore.Store:
@@ -185,10 +152,8 @@ def ingest(store_path, examples: Sequence, set_name: str, checkpoints: Sequence[
 
 def _write(store, set_name, ckpt_name, kind, encodings, batch, vectors, report) -> int:
     t0 = time.perf_counter()
-    meta = [{**ex.metadata, "source_file": ex.source_file, "offset": ex.offset, "line": ex.line}
-            for ex in batch]
     n = store.write(set_name, ckpt_name, np.stack(vectors), [ex.id for ex in batch], kind=kind,
-                    encodings=encodings, metadata=meta,
+                    encodings=encodings, metadata=[ex.to_row() for ex in batch],
                     subtasks=[ex.subtask for ex in batch] if kind == "task" else None)
     report.seconds["write"] += time.perf_counter() - t0
     return n
@@ -196,13 +161,13 @@ def _write(store, set_name, ckpt_name, kind, encodings, batch, vectors, report) 
 
 def ingest_files(store_path, checkpoint_dirs: Sequence[str], model_name: str, data: Sequence[str] = (),
                  set_name: str = "train", task: str | None = None, data_dir: str | None = None,
-                 lrs: Sequence[float] | None = None, max_length: int = 2048, skip_invalid: bool = False,
-                 chat_format: str = "tulu", **options):
+                 lrs: Sequence[float] | None = None, max_length: int = DEFAULT_MAX_LENGTH,
+                 skip_invalid: bool = False, chat_format: str = DEFAULT_CHAT_FORMAT, **options):
     """Read a training pool (`data`) or a target task (`task`), then `ingest` it.
 
     A task is a built-in (mmlu, bbh, tydiqa from `data_dir`), a packaged demo task, or any name
     with `data` naming its JSONL file; its set is named after the task. Pools and tasks use the
-    same `chat_format` so their gradients are comparable (LESS: "tulu" for both). Returns the
+    same `chat_format` so their gradients are comparable. Returns the
     data read report (None for tasks) and the ingest report.
     """
     from .data import read_pool

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qless.data import (
+    DEFAULT_CHAT_FORMAT,
     DEFAULT_MAX_LENGTH,
     IGNORE_INDEX,
     DataError,
@@ -322,7 +323,7 @@ def _tokenize_items(items, tokenizer, max_length, chat_format) -> list[Example]:
 
 
 def task_prompts(
-    name: str, data_dir: str | os.PathLike, tokenizer=None, chat_format: str = "tulu"
+    name: str, data_dir: str | os.PathLike, tokenizer=None, chat_format: str = DEFAULT_CHAT_FORMAT
 ) -> list[tuple[str, str, str]]:
     """(id, query, answer) text of a built-in task, before tokenization (for inspection)."""
     if name not in TASKS:
@@ -340,13 +341,13 @@ def load_task(
     data_dir: str | os.PathLike | None = None,
     path: str | os.PathLike | None = None,
     max_length: int = DEFAULT_MAX_LENGTH,
-    chat_format: str | None = None,
+    chat_format: str = DEFAULT_CHAT_FORMAT,
 ) -> list[Example]:
     """A target task's validation examples, each with ``subtask`` set.
 
-    Built-ins (`TASKS`) need ``data_dir`` (LESS's layout, e.g. ``../shared/data``);
-    ``chat_format`` defaults to ``"tulu"`` as in LESS. With ``path`` (or a name in `DEMO_TASKS`),
-    the task is read from JSONL like a pool (``chat_format`` defaults to ``"auto"``).
+    Built-ins (`TASKS`) need ``data_dir`` (LESS's layout, e.g. ``../shared/data``). With ``path``
+    (or a name in `DEMO_TASKS`), the task is read from JSONL like a pool. ``chat_format`` defaults
+    to the pools' (`DEFAULT_CHAT_FORMAT`), so a pool and its tasks share one prompt format.
 
     Example:
         mmlu = load_task("mmlu", tokenizer, data_dir="../shared/data")   # 285 examples
@@ -358,7 +359,7 @@ def load_task(
         report = ReadReport()
         examples = list(
             _iter_examples(
-                path, tokenizer, max_length, False, chat_format or "auto", report, task=name
+                path, tokenizer, max_length, False, chat_format, report, task=name
             )
         )
         if not examples:
@@ -371,7 +372,6 @@ def load_task(
         )
     if data_dir is None:
         raise ValueError(f"task {name!r} needs data_dir (LESS's layout, with eval/{name}/)")
-    chat_format = chat_format or "tulu"
     if chat_format not in TASK_CHAT_FORMATS:
         raise ValueError(f"chat_format must be one of {TASK_CHAT_FORMATS}, not {chat_format!r}")
     if chat_format == "template" and not getattr(tokenizer, "chat_template", None):

@@ -55,7 +55,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qless.data import IGNORE_INDEX
+from qless.checkpoint import (
+    FORMAT,
+    INFO_FILE,
+    CheckpointInfoError,
+    read_checkpoint_info,
+    warn_if_untrained,
+)
+from qless.data import DEFAULT_CHAT_FORMAT, DEFAULT_MAX_LENGTH, IGNORE_INDEX
 from qless.model import lora_config_dict
 from qless.optimizer_state import (
     load_optimizer_state,
@@ -65,8 +72,6 @@ from qless.optimizer_state import (
 
 log = logging.getLogger(__name__)
 
-INFO_FILE = "qless_checkpoint.json"
-FORMAT = "qless-warmup-checkpoint-v1"
 SCHEDULERS = ("linear", "cosine", "constant")
 # HF Trainer (TrainingArguments) defaults, which LESS's runs used.
 ADAM_BETAS = (0.9, 0.999)
@@ -78,14 +83,6 @@ _TMP_MARK = ".tmp-"
 
 class WarmupError(ValueError):
     "A warmup cannot start or resume: unusable examples, settings, or an incompatible folder."
-
-
-class CheckpointInfoError(ValueError):
-    "A checkpoint folder's qless_checkpoint.json is invalid."
-
-
-class CheckpointInfoMissing(CheckpointInfoError, FileNotFoundError):
-    "A checkpoint folder has no qless_checkpoint.json."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,43 +109,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str = "
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoint info
-
-
-def read_checkpoint_info(directory: str | os.PathLike) -> dict:
-    """The `qless_checkpoint.json` of a checkpoint folder, checked, plus `path` (the folder).
-
-    Holds at least name, epoch, step, lr (the epoch's mean lr: the checkpoint's weight) and
-    optimizer. Raises CheckpointInfoMissing / CheckpointInfoError naming the file.
-    """
-    folder = Path(directory)
-    file = folder / INFO_FILE
-    if not file.is_file():
-        raise CheckpointInfoMissing(
-            f"{file}: not found ({folder} is not a finished qless warmup checkpoint; "
-            "for another trainer's checkpoint give its lr and step explicitly)"
-        )
-    try:
-        info = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointInfoError(f"{file}: cannot read: {e}".splitlines()[0]) from None
-    if not isinstance(info, dict):
-        raise CheckpointInfoError(f"{file}: not a JSON object")
-    checks = {
-        "name": lambda v: isinstance(v, str) and bool(v),
-        "epoch": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-        "step": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-        "lr": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-        and math.isfinite(v) and v >= 0,
-        "optimizer": lambda v: isinstance(v, str) and bool(v),
-    }
-    for key, ok in checks.items():
-        if key not in info:
-            raise CheckpointInfoError(f"{file}: missing {key!r}")
-        if not ok(info[key]):
-            raise CheckpointInfoError(f"{file}: invalid {key!r}: {info[key]!r}")
-    info["path"] = str(folder)
-    return info
+# checkpoint folders
 
 
 def completed_checkpoints(out_dir: str | os.PathLike) -> list[dict]:
@@ -426,6 +387,7 @@ def warmup(
     bar = tqdm(total=total_steps, initial=step, desc="warmup", unit="step", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
     rng_devices = [device] if device.type == "cuda" else []
+    lr_peak = 0.0
     try:
         with torch.random.fork_rng(devices=rng_devices):
             model.train()
@@ -452,6 +414,7 @@ def warmup(
                         torch.nn.utils.clip_grad_norm_([p for _, p in params], max_grad_norm)
                     optimizer.step()
                     step += 1
+                    lr_peak = max(lr_peak, lr_now)
                     lrs.append(lr_now)
                     losses.append(step_loss)
                     bar.update(1)
@@ -484,13 +447,18 @@ def warmup(
         bar.close()
         optimizer.zero_grad(set_to_none=True)
         model.eval()
+    # Too few steps leave PEFT's zero B (a one-step run takes the schedule's first lr, 0): say so
+    # now, not after an ingest whose lora_A gradients all come out zero.
+    warn_if_untrained(infos[-1]["path"], f" after {step} optimizer step{'s' * (step != 1)} of {per_step} examples"
+                      + (" (each at lr 0: a schedule's first step is)" if lr_peak == 0 else ""))
     return infos
 
 
 def warmup_files(data: Sequence[str], out_dir: str | os.PathLike, model_name: str = "smollm2-135m",
                  percentage: float = 0.05, r: int = 128, alpha: float = 512, dropout: float = 0.1,
-                 dtype: str = "bf16", quant: str | None = None, max_length: int = 2048,
-                 chat_format: str = "tulu", skip_invalid: bool = False, seed: int = 0, **options):
+                 dtype: str = "bf16", quant: str | None = None, max_length: int = DEFAULT_MAX_LENGTH,
+                 chat_format: str = DEFAULT_CHAT_FORMAT, skip_invalid: bool = False, seed: int = 0,
+                 **options):
     """LESS step 1 from files: read the pool, sample `percentage` of it, train, checkpoint.
 
     Returns the data read report and the finished checkpoints' infos.

@@ -141,3 +141,25 @@ def test_check_and_fix(merged):
         "fixed: set 'train' checkpoint 'e1': rows 0..39 dropped (40 rows; a resumed ingest recomputes them)\n")
     assert fixed.stderr == ""
     assert run("check", "--store", merged, "-s").exit_code == 0
+
+
+def test_requantize_compacts_the_store_and_compact_says_what_it_did(merged):
+    import os
+    import re
+
+    data = os.path.join(merged, "data.mdb")
+    assert run("requantize", "--store", merged, "--to", "absmax4", "-s").exit_code == 0
+    # --replace rewrites absmax4's blocks, leaving their old pages free in the file
+    result = run("requantize", "--store", merged, "--to", "absmax4", "--replace")
+    assert result.exit_code == 0
+    *_, derived, compacted = result.stderr.splitlines()
+    before, after = (int(x.replace(",", "")) for x in re.fullmatch(
+        rf"compacted {re.escape(merged)}: ([\d,]+) -> ([\d,]+) bytes", compacted).groups())
+    assert derived == "derived 2 encodings" and after == os.path.getsize(data) < before
+    again = run("compact", "--store", merged)
+    assert again.exit_code == 0 and again.stderr == f"{merged}: no free pages\n"
+    with gradstore.open(merged) as st:
+        assert "absmax4" in st.set_info("train")["encodings"]
+        held = run("compact", "--store", merged)
+    assert held.exit_code == 1
+    assert held.stderr == f"Error: {merged}: this process has the store open; close it before compacting\n"

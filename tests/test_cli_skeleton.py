@@ -13,6 +13,6 @@ def test_help_lists_an_example():
 
 
 def test_python_dash_m_runs_the_cli():
-    out = subprocess.run([sys.executable, "-m", "gradstore", "--version"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "gradstore_cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "gradstore, version 0.1.0"

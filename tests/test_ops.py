@@ -1,8 +1,11 @@
 """gradstore.ops: merge, requantize, compare, check (with mayhem on the data file)."""
 
+import contextlib
 import hashlib
 import math
 import os
+import subprocess
+import sys
 
 import lmdb
 import numpy as np
@@ -393,3 +396,61 @@ def test_recenter_moves_the_centroid_atomically(tmp_path):
         whole = st.vectors("extra", "e1", "f32").mean(axis=0)
         np.testing.assert_allclose(st.centroid("extra", "e1"), whole, rtol=1e-5, atol=1e-5)
         assert ops.check(st).ok
+
+
+@contextlib.contextmanager
+def held_open(path):
+    """Another process holding the store at `path` open until the block ends."""
+    holder = subprocess.Popen([sys.executable, "-c", (f"import gradstore, sys; s = gradstore.open({str(path)!r});"
+                               " print('open', flush=True); sys.stdin.read()")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "open\n"
+        yield
+    finally:
+        holder.communicate("")
+
+
+def test_merge_clears_a_killed_merges_folders_but_not_a_running_ones(tmp_path):
+    a = make(tmp_path / "a", range(5))
+    killed = tmp_path / ".m.k1ll3d.merging"  # what a kill -9 during merge leaves
+    killed.mkdir()
+    (killed / "data.mdb").write_bytes(b"half a store")
+    running = make(tmp_path / ".m.runn1ng.merging", range(3))  # another merge's, open in its process
+    with held_open(running):
+        ops.merge([a], tmp_path / "m")
+        assert sorted(os.listdir(tmp_path)) == [".m.runn1ng.merging", "a", "m"]
+    ops.merge([a], tmp_path / "n")  # another output's folders are not ours to clear
+    assert sorted(os.listdir(tmp_path)) == [".m.runn1ng.merging", "a", "m", "n"]
+
+
+# ---- compact ------------------------------------------------------------------------------
+
+def test_compact_drops_free_pages_and_keeps_every_byte_of_content(tmp_path):
+    path = tmp_path / "s"
+    with gradstore.create(path, dim=DIM, projection=PROJ, block_bytes=4096) as st:
+        st.add_checkpoint("e1", lr=1e-5)
+        for lo in range(0, 300, 7):  # 7-row batches: each rewrites the last partial block
+            st.write("train", "e1", rand(300)[lo:lo + 7], ids(lo, min(300, lo + 7)), encodings=("f32", "sign1"))
+        before = {e: st.read("train", "e1", e) for e in ("f32", "sign1")}
+        with pytest.raises(gradstore.StoreBusyError, match="this process has the store open"):
+            gradstore.compact(path)
+    (path / ".compacting-k1ll3d").mkdir()  # a killed compaction's copy
+    size = os.path.getsize(path / "data.mdb")
+    assert gradstore.compact(path, min_free=0.99) is None and os.path.getsize(path / "data.mdb") == size
+    done = gradstore.compact(path)
+    assert done == (size, os.path.getsize(path / "data.mdb")) and done[1] < 0.8 * size
+    assert sorted(os.listdir(path)) == ["data.mdb", "lock.mdb"]
+    with gradstore.open(path) as st:
+        for e, want in before.items():
+            for got, x in zip(st.read("train", "e1", e), want):
+                np.testing.assert_array_equal(got, x)
+        assert st.ids("train") == ids(0, 300) and ops.check(st).ok
+    assert gradstore.compact(path) is None  # nothing left to drop
+    with held_open(path):
+        with pytest.raises(gradstore.StoreBusyError) as e:
+            gradstore.compact(path, min_free=0)
+        assert str(e.value) == f"{path}: another process has the store open; compact it when that is done"
+    with gradstore.open(path, readonly=False) as st:  # the compacted store takes more writes
+        st.write("train", "e1", rand(5, 9), ids(300, 305), encodings=("f32", "sign1"))
+        assert st.n_rows("train") == 305 and ops.check(st).ok

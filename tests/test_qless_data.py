@@ -122,7 +122,7 @@ def test_template_masking_covers_exactly_the_assistant_turns(tok, tmp_path):
         ("u", "Name a prime."),
         ("a", "  Seven is prime.\n"),
     )
-    (ex,), _ = read_pool(write_jsonl(tmp_path / "a.jsonl", [{"messages": m}]), tok)
+    (ex,), _ = read_pool(write_jsonl(tmp_path / "a.jsonl", [{"messages": m}]), tok, chat_format="template")
     stripped = [{"role": x["role"], "content": x["content"].strip()} for x in m]  # as LESS does
     assert full_text(tok, ex) == tok.apply_chat_template(stripped, tokenize=False)
     assert response_text(tok, ex) == "Hello! How can I help?<|im_end|>\nSeven is prime.<|im_end|>\n"
@@ -192,11 +192,19 @@ def test_truncation_keeps_a_prefix_and_reports_a_cut_response(tok, tmp_path):
     assert cut.labels == full.labels[:40]
     assert 0 < cut.metadata["n_response_tokens"] < full.metadata["n_response_tokens"]
     n_prompt = full.labels.index(next(x for x in full.labels if x != IGNORE_INDEX))
+    # A prompt that fills max_length is valid data: skipped and listed without skip_invalid.
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"id": "y", "prompt": "p", "completion": "x"}, "[1]"])
     with pytest.raises(DataError) as e:
-        read_pool(p, tok, max_length=n_prompt)
-    assert str(e.value) == f"{p}:1: no response tokens left after truncation to {n_prompt} tokens"
-    examples, report = read_pool(p, tok, max_length=n_prompt, skip_invalid=True)
-    assert examples == [] and report.skipped[0].reason.startswith("no response tokens left")
+        read_pool([p, bad], tok, max_length=n_prompt)
+    assert str(e.value) == f"{bad}:2: not a JSON object"
+    examples, report = read_pool([p, bad], tok, max_length=n_prompt, skip_invalid=True)
+    assert [x.id for x in examples] == ["y"]
+    assert [str(s) for s in report.skipped] == [
+        f"{p}:1: no response tokens left after truncation to {n_prompt} tokens", f"{bad}:2: not a JSON object"]
+    examples, report = read_pool(p, tok, max_length=n_prompt)
+    assert examples == [] and report.summary() == (
+        f"read 0 examples from 1 records, skipped 1:\n"
+        f"  {p}:1: no response tokens left after truncation to {n_prompt} tokens")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -657,3 +665,29 @@ def test_dolly_file_reads_with_a_report(tok, shared_data):
     )
     assert len({e.id for e in examples}) == len(examples)
     assert all(e.id.startswith("dolly_") and e.metadata["source"] == "dolly" for e in examples)
+
+
+def test_pools_tasks_and_stages_share_one_prompt_format_and_max_length(tok, tmp_path):
+    """A pool read with read_pool's defaults and a task loaded with load_task's are one format."""
+    import inspect
+
+    from gradstore_cli.main import cli
+
+    from qless.data import DEFAULT_CHAT_FORMAT, DEFAULT_MAX_LENGTH, encode_record
+    from qless.ingest import ingest_files
+    from qless.tasks import task_prompts
+    from qless.warmup import warmup_files
+
+    assert (DEFAULT_CHAT_FORMAT, DEFAULT_MAX_LENGTH) == ("tulu", 2048)  # LESS's
+    for fn in (read_pool, iter_pool, encode_record, load_task, task_prompts, ingest_files, warmup_files):
+        params = inspect.signature(fn).parameters
+        assert params["chat_format"].default == DEFAULT_CHAT_FORMAT, fn.__name__
+        if "max_length" in params:
+            assert params["max_length"].default == DEFAULT_MAX_LENGTH, fn.__name__
+    for command in ("warmup", "ingest"):
+        defaults = {p.name: p.default for p in cli.commands[command].params}
+        assert (defaults["chat_format"], defaults["max_length"]) == (DEFAULT_CHAT_FORMAT, DEFAULT_MAX_LENGTH)
+    (pool,), _ = read_pool(write_jsonl(tmp_path / "a.jsonl", [{"messages": msgs(("u", "Hi"), ("a", "Yo"))}]), tok)
+    task = load_task("demo-mmlu", tok)[0]
+    assert full_text(tok, pool) == "<|user|>\nHi\n<|assistant|>\nYo<|im_end|>\n"
+    assert full_text(tok, task).startswith("<|user|>\n")

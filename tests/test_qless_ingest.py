@@ -6,9 +6,10 @@ import torch
 
 import gradstore
 from gradstore.errors import SchemaMismatchError
+from qless.checkpoint import Checkpoint
 from qless.data import Example
 from qless.gradients import GradientComputer
-from qless.ingest import Checkpoint, ingest, parse_shard, shard_slice
+from qless.ingest import ingest, parse_shard, shard_slice
 from qless.model import attach_lora, load_adapter, load_model
 from qless.optimizer_state import load_optimizer_state, save_optimizer_state
 from qless.projection import make_projection

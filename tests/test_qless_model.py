@@ -208,3 +208,18 @@ def test_builtin_smollm2_loads_and_caches(tmp_path, monkeypatch):
     assert np.isfinite(logits.numpy()).all()
     ident = model_identity(m)
     assert ident["name"] == "smollm2-135m" and ident["dtype"] == "fp32" and ident["sha256"]
+
+
+def test_bitsandbytes_kernel_fetch_message_is_silenced():
+    """bitsandbytes' 'Failed to load CPU gemm_4bit_forward' is for a path qless turns off."""
+    import subprocess
+    import sys
+
+    message = "Failed to load CPU gemm_4bit_forward"
+    bare = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True, check=False)
+    ours = subprocess.run([sys.executable, "-c", "import qless.model, peft, bitsandbytes"],
+                          capture_output=True, text=True, check=False)
+    assert bare.returncode == 0 and ours.returncode == 0, ours.stderr
+    assert message not in ours.stderr
+    if message not in bare.stderr:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not try the kernel")

@@ -10,18 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from qless.model import attach_lora, load_adapter
-from qless.optimizer_state import load_optimizer_state
-from qless.warmup import (
+from qless.checkpoint import (
     INFO_FILE,
     CheckpointInfoError,
     CheckpointInfoMissing,
-    WarmupError,
-    completed_checkpoints,
-    example_losses,
     read_checkpoint_info,
-    warmup,
 )
+from qless.model import attach_lora, load_adapter
+from qless.optimizer_state import load_optimizer_state
+from qless.warmup import WarmupError, completed_checkpoints, example_losses, warmup
 
 VOCAB = 64
 RESPONSE = [5, 6, 7, 8, 9]

@@ -385,6 +385,8 @@ def test_malformed_jsonl_names_file_and_line_or_is_skipped(tmp_path):
     path.write_bytes(b"\n".join(lines) + b"\n")
     tok = CharTokenizer()
     for line_no in sorted(bad):  # strict: the first bad line is the error, one short line
+        if line_no == 7:  # valid, only truncated to no response: skipped and listed unasked
+            continue
         body = [good] + [json.dumps({"prompt": f"q{i}", "completion": "a"}).encode() for i in range(2, line_no)]
         one = tmp_path / f"bad{line_no}.jsonl"
         one.write_bytes(b"\n".join(body + [bad[line_no][0]]) + b"\n")
@@ -397,6 +399,9 @@ def test_malformed_jsonl_names_file_and_line_or_is_skipped(tmp_path):
     assert [e.line for e in examples] == [1, 8]
     assert [(s.line, bad[s.line][1] in s.reason) for s in report.skipped] == [(i, True) for i in sorted(bad)]
     assert all(len(str(s)) < 300 for s in report.skipped)
+    with pytest.raises(DataError) as err:  # without skip_invalid the first malformed line stops
+        read_pool([path], tok, max_length=64)
+    assert str(err.value).startswith(f"{path}:2: invalid JSON")
     print(f"\nmalformed JSONL: {len(bad)} bad lines, each named by file:line, skipped with a report")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .ast import And, Compare, Expr, InList, IsNull, Like, Not, Or, Query, compile_like
-from .parser import parse, parse_condition
+from .parser import parse, parse_condition, parse_size
 
 
 def run(store, text: str):

@@ -310,6 +310,10 @@ class _Parser:
         if not self.is_keyword("TOP"):
             self.fail("TOP or SCORE after EXPLAIN" if explain else "EXPLAIN, TOP or SCORE")
         self.advance()
+        return self.size()
+
+    def size(self) -> tuple[int | None, float | None]:
+        """TOP's operand: (count, None) or (None, percent)."""
         tok = self.tok
         if tok.kind != "number":
             self.fail("a row count or a percentage after TOP")
@@ -506,6 +510,15 @@ def parse(text: str) -> Query:
         raise QuerySyntaxError("column 1: expected a less deeply nested query, found one "
                                "that exhausts the parser's stack", text, 0,
                                "a less deeply nested query") from None
+
+
+def parse_size(text: str) -> tuple[int | None, float | None]:
+    """Parse TOP's size alone ("100" -> (100, None), "5%" -> (None, 5.0)), e.g. for ``--k``."""
+    parser = _Parser(text)
+    size = parser.size()
+    if parser.tok.kind != "eof":
+        parser.fail("end of the size")
+    return size
 
 
 def parse_condition(text: str) -> Expr:

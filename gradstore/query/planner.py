@@ -187,7 +187,7 @@ def plan(store, query: Query) -> Plan:
                 f"no checkpoint holds both {query.set_name} and {', '.join(query.tasks)}")
     else:
         ckpts = [_checkpoint_name(c, all_ckpts) for c in query.checkpoints]
-    weights = _weights(store, ckpts, query.weight)
+    weights = _weights(store, ckpts, query.weight, notes)
 
     tasks = []
     for name, info in task_infos.items():
@@ -281,15 +281,17 @@ def _k(query: Query, n_rows: int) -> int | None:
     return selection_size(n_rows, query.top_k, query.top_percent)
 
 
-def _weights(store, ckpts: list[str], weight: str) -> tuple[float, ...]:
-    if weight == "uniform":
-        return tuple(1.0 / len(ckpts) for _ in ckpts)
-    lrs = {c["name"]: c["lr"] for c in store.checkpoints()}
-    total = sum(lrs[c] for c in ckpts)
-    if total <= 0:
-        raise SchemaMismatchError(
-            f"WEIGHT lr: the learning rates of {', '.join(ckpts)} sum to 0; use WEIGHT uniform")
-    return tuple(lrs[c] / total for c in ckpts)
+def _weights(store, ckpts: list[str], weight: str, notes: list[str]) -> tuple[float, ...]:
+    if weight == "lr":
+        lrs = {c["name"]: c["lr"] for c in store.checkpoints()}
+        total = sum(lrs[c] for c in ckpts)
+        if total > 0:
+            return tuple(lrs[c] / total for c in ckpts)
+        # lr 0 everywhere (a warmup of one optimizer step records the schedule's first lr, 0):
+        # the weights are undefined, not the query, and with one checkpoint they cannot matter.
+        notes.append(f"WEIGHT lr: the learning rates of {', '.join(ckpts)} sum to 0;"
+                     " weighting uniformly")
+    return tuple(1.0 / len(ckpts) for _ in ckpts)
 
 
 def _check_held(set_name: str, held, name: str) -> None:

@@ -8,11 +8,11 @@ encoding) beside its share of the whole pool, so enrichment is visible at a glan
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from .ops import parse_k
+from gradstore.ops import parse_k
 
 
 def plot_selection(store, out_path, tasks: Sequence[str], encodings: Sequence[str] | None = None,
@@ -26,7 +26,7 @@ def plot_selection(store, out_path, tasks: Sequence[str], encodings: Sequence[st
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    from .query import compose, default_train_set
+    from gradstore.query import compose, default_train_set
 
     set_name = set_name or default_train_set(store)
     encodings = list(encodings or store.set_info(set_name)["encodings"])
