@@ -12,7 +12,7 @@ top 5% kept. Loading the rows into memory is not timed (LESS's `torch.load`), on
 
 gradstore answers `TOP 5% FROM train BY mmlu` from an LMDB store holding the same rows in
 f32, f16, absmax8, sign1 and sign1-centered, by every plan: the default (a sign1-centered
-shortlist of 4 x k rows reranked in absmax8), each encoding single-stage in each mode. Each
+shortlist of 6 x k rows reranked in absmax8), each encoding single-stage in each mode. Each
 query runs --repeat times, round-robin with the reference (so load spikes hit all of them),
 warm (pages cached), and the best time counts. The table gives seconds, the speed-up over the
 reference, and the share of the reference's top 5% each path keeps on these rows.

@@ -223,7 +223,7 @@ def test_two_stage_plan_equals_shortlist_then_rerank(store, m):
 
 def test_default_plan_is_two_stage_for_top_and_single_for_score(store):
     top = store.query("TOP 3 FROM train BY mmlu")
-    rows, scores = shortlist_then_rerank(store, "mmlu", "sign1-centered", "symmetric", "absmax8", 3, 4)
+    rows, scores = shortlist_then_rerank(store, "mmlu", "sign1-centered", "symmetric", "absmax8", 3, 6)
     np.testing.assert_array_equal(top.rows, rows)
     assert [s.encoding for s in top.plan.stages] == ["sign1-centered", "absmax8"]
     assert len(store.query("SCORE FROM train BY mmlu").plan.stages) == 1
@@ -231,7 +231,7 @@ def test_default_plan_is_two_stage_for_top_and_single_for_score(store):
     assert len(store.query("TOP 3 FROM train BY mmlu ENCODING sign1-centered").plan.stages) == 1
     assert store.query("TOP 3 FROM train BY mmlu MODE symmetric").plan.stages[0].encoding == "absmax8"
     # a shortlist that would hold every row is one stage in the rerank encoding
-    whole = store.query("TOP 20 FROM train BY mmlu")
+    whole = store.query("TOP 10 FROM train BY mmlu")
     assert [s.encoding for s in whole.plan.stages] == ["absmax8"]
     assert "would hold every row: one stage" in " ".join(whole.plan.notes)
 
@@ -268,11 +268,11 @@ def test_explain_returns_the_plan_without_scanning(store):
     plan = store.query("EXPLAIN TOP 5% FROM train BY mmlu")
     assert plan.encoding == "absmax8" and plan.mode == "asymmetric"
     text = str(plan)
-    assert "a shortlist of 8 (4 x k)" in text and "ENCODING   sign1-centered (symmetric)" in text
-    assert "RERANK     the shortlist's 8 rows x 3 checkpoints read again" in text
+    assert "a shortlist of 12 (6 x k)" in text and "ENCODING   sign1-centered (symmetric)" in text
+    assert "RERANK     the shortlist's 12 rows x 3 checkpoints read again" in text
     assert "int-dot (VNNI) with the subtask collapse" in text
     d = plan.to_dict()
-    assert [s["keep"] for s in d["stages"]] == [8, 2] and d["rows_reread"] == 24
+    assert [s["keep"] for s in d["stages"]] == [12, 2] and d["rows_reread"] == 36
 
 
 def test_errors_name_what_exists(store):
