@@ -10,8 +10,8 @@ model's trainable-parameter order (the order `optimizer_state.load_optimizer_sta
 
 Two paths to the same vectors:
 - `batched(examples)` (the default, what ingest runs): examples sorted by length and padded
-  (right) into batches of at most `token_budget` padded tokens; one forward and one backward per
-  batch. Hooks on every LoRA `Linear` keep its input x_t and, from the backward, its output
+  (right, no attention mask needed: the model is causal) into batches of at most `token_budget`
+  padded tokens; one forward and one backward per batch. Hooks on every LoRA `Linear` keep its input x_t and, from the backward, its output
   gradient d_t; example e's weight gradient is sum_{t in e} d_t x_t^T (for lora_A that is
   (B^T d) x^T, for lora_B d (A x)^T, the LoRA scaling folded into d). Each token's loss is
   weighted by 1 / (its example's response-token count), so each example's gradient is that of
@@ -26,7 +26,8 @@ float32 (n, dim), are capped at `gradient_bytes` by limiting the examples per ba
 
 Mode: the model runs in eval mode, as in LESS (`from_pretrained` returns an eval-mode model and
 LESS never calls `train()`), so LoRA dropout is off and the gradient is deterministic.
-The model runs in its dtype; per-example gradients and the Adam arithmetic are float32. An
+The model runs in its dtype (per-example weight gradients too, as autograd's at batch 1) and
+vectors come out float32, with float32 Adam arithmetic. An
 example with no response token (all labels -100 after truncation) has no loss: it gets no vector
 (`gradient` returns None) and `skipped` counts it (its Adam direction would be pure momentum,
 the same for every such row).
@@ -148,7 +149,6 @@ class GradientComputer:
         forward and backward, on the model's device."""
         n, length = len(examples), max(len(ex.input_ids) for ex in examples)
         ids = torch.zeros(n, length, dtype=torch.long)
-        mask = torch.zeros(n, length, dtype=torch.long)
         target = torch.full((n, length), IGNORE, dtype=torch.long)  # target[b, t] = labels[b][t + 1]
         weight = torch.zeros(n, length)
         for b, ex in enumerate(examples):
@@ -157,7 +157,6 @@ class GradientComputer:
                                  f"{len(ex.input_ids)} and {len(ex.labels)}")
             k = len(ex.input_ids)
             ids[b, :k] = torch.as_tensor(ex.input_ids)
-            mask[b, :k] = 1
             target[b, :k - 1] = torch.as_tensor(ex.labels[1:])
             count = int((target[b] != IGNORE).sum())
             if count == 0:
@@ -180,8 +179,9 @@ class GradientComputer:
         handles.append(self.model.get_output_embeddings().register_forward_pre_hook(only_kept))
         try:
             with torch.enable_grad():
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                    use_cache=False).logits.float()  # HF's loss upcasts the logits too
+                # No attention mask: the model is causal and padding is on the right, so no real
+                # token sees a pad; without a mask attention takes its causal fast path.
+                logits = self.model(input_ids=ids.to(self.device), use_cache=False).logits.float()
                 loss = (F.cross_entropy(logits, target, reduction="none") * weight).sum()
                 del logits
                 outputs = [seen[m][1] for m in modules]
@@ -195,7 +195,8 @@ class GradientComputer:
         for module, d in zip(modules, grads):
             x = seen.pop(module)[0]
             size = module.weight.numel()
-            out[:, offset:offset + size] = torch.bmm(d.float().transpose(1, 2), x.float()).reshape(n, size)
+            # In the model's dtype, as the batch-1 loop's weight gradients (float32 accumulation).
+            out[:, offset:offset + size] = torch.bmm(d.transpose(1, 2), x).reshape(n, size)
             offset += size
         self.seconds["model"] += t1 - t0
         self.seconds["per_example"] += time.perf_counter() - t1

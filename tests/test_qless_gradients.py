@@ -216,3 +216,42 @@ def test_batched_rejects_a_trainable_non_lora_parameter(model):
     gc = GradientComputer(m, mode="sgd")
     with pytest.raises(ValueError, match="bias-free Linear"):
         list(gc.gradients([example(1)]))
+
+
+@pytest.mark.slow
+def test_smollm2_batched_equals_batch1_on_real_rows(shared_data):
+    """Real Dolly and Flan rows: fp32 rows equal batch 1's (pool Adam directions and task
+    gradients), and the bf16 model selects the same top 5% either way."""
+    import itertools
+
+    from qless.data import iter_pool
+    from qless.model import load_model, load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    rows = []
+    for path in ("train/dolly/dolly_00.jsonl", "train/flan_v2_cot/flan_v2_cot_00.jsonl"):
+        rows += itertools.islice(iter_pool([shared_data / path], tok, 256, skip_invalid=True,
+                                           chat_format="tulu"), 20)
+    task = rows.pop()
+    for dtype in ("fp32", "bf16"):
+        m = attach_lora(load_model("smollm2-135m", dtype=dtype), r=8, alpha=32, seed=0)
+        with torch.no_grad():
+            for n, p in trainable_parameters(m):
+                if "lora_B" in n:
+                    p.normal_(0, 1e-3)
+        state = adam_state(m, 2)
+        pool = GradientComputer(m, (state[0] * 1e-2, state[1] * 1e-6), mode="adam", token_budget=1024)
+        ref = np.stack([pool.gradient(e) for e in rows])
+        got = np.stack([v for _, v in pool.gradients(rows)])
+        if dtype == "fp32":
+            assert cosines(got, ref).min() >= 0.9999
+            sgd = GradientComputer(m, mode="sgd", token_budget=1024)
+            tasks = rows[:8]
+            assert cosines(np.stack([v for _, v in sgd.gradients(tasks)]),
+                           np.stack([sgd.gradient(e) for e in tasks])).min() >= 0.9999
+        else:
+            v = GradientComputer(m, mode="sgd").gradient(task)
+
+            def top(x):  # LESS's score, top 5%
+                return set(np.argsort(-(x @ v) / np.linalg.norm(x, axis=1))[:2])
+            assert top(got) == top(ref)
