@@ -255,3 +255,16 @@ def test_smollm2_batched_equals_batch1_on_real_rows(shared_data):
             def top(x):  # LESS's score, top 5%
                 return set(np.argsort(-(x @ v) / np.linalg.norm(x, axis=1))[:2])
             assert top(got) == top(ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_equals_batch1_on_cuda(model):
+    import copy
+
+    m = copy.deepcopy(model).to("cuda")
+    exs = mixed_examples()
+    gc = GradientComputer(m, tuple(t.cuda() for t in adam_state(model)), mode="adam", token_budget=64)
+    got = np.stack([v for i, (_, v) in enumerate(gc.gradients(exs)) if i != 3])
+    ref = np.stack([gc.gradient(e) for i, e in enumerate(exs) if i != 3])
+    assert cosines(got, ref).min() >= 0.9999
