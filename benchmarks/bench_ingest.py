@@ -21,6 +21,7 @@ peak RSS above the start of each timed part.
 
     .venv/bin/python benchmarks/bench_ingest.py                # 24 rows per config, r=8/128 x 512/1024
     .venv/bin/python benchmarks/bench_ingest.py --quick        # 6 rows, r=8, 512 tokens
+    .venv/bin/python benchmarks/bench_ingest.py --rows 8 --config 1024:128   # one configuration
     .venv/bin/python benchmarks/bench_ingest.py --device cuda --rows 256 --token-budget 16384 --no-bergson
 """
 
@@ -161,6 +162,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-bergson", action="store_true")
+    parser.add_argument("--config", action="append", type=lambda t: tuple(int(x) for x in t.split(":")),
+                        help="MAX_TOKENS:R, repeatable (default: 512:8 512:128 1024:8 1024:128)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     bergson = not args.no_bergson and not args.quick
@@ -174,14 +177,17 @@ def main(argv=None) -> dict:
     tokenizer = load_tokenizer("smollm2-135m")
     base = load_model("smollm2-135m", dtype="bf16", device=device)
     n = 6 if args.quick else args.rows
-    configs = [(512, 8)] if args.quick else [(512, 8), (512, 128), (1024, 8), (1024, 128)]
-    results = []
+    configs = [(512, 8)] if args.quick else args.config or [(512, 8), (512, 128), (1024, 8), (1024, 128)]
+    name = "ingest_quick" if args.quick else f"ingest_{device.type}"
+    out = {"machine": info, "quick": args.quick, "dim": DIM, "encodings": ENCODINGS, "results": []}
     for max_length, r in configs:
         rows = pool_rows(tokenizer, n, max_length)
         res = run_config(base, rows, r, args.token_budget, bergson, device)
         res["max_length"] = max_length
-        results.append(res)
+        out["results"].append(res)
         print(json.dumps(res), flush=True)
+        write_json(name, out)  # after every configuration: a long run stopped early keeps its results
+    results = out["results"]
     rows = [[res["max_length"], res["r"], res["rows"], f"{res['tokens'] / res['rows']:.0f}",
              f"{res['batch1_examples_per_s']:.2f}", f"{res['batched_examples_per_s']:.2f}",
              f"{res['speedup_vs_batch1']:.2f}x",
@@ -194,8 +200,6 @@ def main(argv=None) -> dict:
                  "bergson ex/s", "vs bergson", "padding", "per-example share", "quant+write share",
                  "peak MiB (b1/batched/bergson)", "min cos"], rows,
                 title=f"ingest examples/s (SmolLM2-135M bf16, token budget {args.token_budget}, {info['device']})")
-    out = {"machine": info, "quick": args.quick, "dim": DIM, "encodings": ENCODINGS, "results": results}
-    write_json("ingest_quick" if args.quick else f"ingest_{device.type}", out)
     return out
 
 
