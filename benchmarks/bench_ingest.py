@@ -1,140 +1,205 @@
-"""Ingest throughput on SmolLM2-135M: seconds per example per stage, and a LESS-style reference.
+"""Ingest throughput, side by side in one run: LESS's batch-1 loop, qless's batched path, bergson.
 
-Stages of one training example, as `qless.ingest` runs them: tokenize, gradient (LESS's Adam
-direction at batch 1, logits only where labels are), projection (sparse Rademacher to 8192),
-quantize (f16, absmax8, sign1) and write (one LMDB transaction per batch). At 64 / 128 / 512
-tokens and LoRA r = 8 and r = 128. Beside it, in the same run, the LESS/TRAK-style reference:
-the same gradients projected by a dense Rademacher matrix (TRAK's CPU projector generates the
-matrix chunk by chunk), reported as examples/s and the ratio.
+The same real pool rows (Dolly and Flan v2 CoT from ../shared/data/train, tokenized once as
+ingest does: tulu format, truncated to 512 or 1,024 tokens), the same model (SmolLM2-135M, bf16),
+the same LoRA adapter (q,k,v,o; r = 8 and 128, B drawn non-zero as after a warmup) and the same
+token budget, interleaved per configuration. What each computes per example:
+- batch-1 (`GradientComputer.gradient_tensor`, the reference): one forward (logits only where a
+  label is predicted) and backward per example, the full LoRA gradient, LESS's Adam direction,
+  the sparse projection to 8192 dims;
+- batched (`GradientComputer.batched`, what ingest runs): the same vectors from length-bucketed
+  padded batches of at most `--token-budget` tokens, per-example gradients from hooks, the same
+  Adam direction and projection; its min cosine to batch-1's projected vectors is reported;
+- bergson (`benchmarks/bergson_run.py`, in `.bench-venv`, never a dependency): `bergson build`'s
+  collection on the same token ids, labels and adapter: length-grouped padded batches of the same
+  budget, logits at every position, per-example LoRA gradients from hooks, each module projected
+  to 16 x 16 by its own two-sided random matrices (no Adam direction), written to disk.
+Model loading is outside every timed part. Also reported: the share of batched time spent forming
+per-example gradients from the hooks' tensors (the most that projecting per layer before summing
+over tokens could save), quantize + write of the vectors (what overlapping writes could hide), and
+peak RSS above the start of each timed part.
 
-    .venv/bin/python benchmarks/bench_ingest.py            # full: 64/128/512 tokens, r=8 and r=128
-    .venv/bin/python benchmarks/bench_ingest.py --quick    # 64/128 tokens, r=8, a few examples
+    .venv/bin/python benchmarks/bench_ingest.py                # 24 rows per config, r=8/128 x 512/1024
+    .venv/bin/python benchmarks/bench_ingest.py --quick        # 6 rows, r=8, 512 tokens
+    .venv/bin/python benchmarks/bench_ingest.py --rows 8 --config 1024:128   # one configuration
+    .venv/bin/python benchmarks/bench_ingest.py --device cuda --rows 256 --token-budget 16384 --no-bergson
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
+import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from common import machine, print_machine, print_table, write_json
+from rss import PeakRSS
 
 import gradstore
-from gradstore import quant
-from qless.data import Example
-from qless.gradients import GradientComputer
+from qless.data import iter_pool
+from qless.gradients import DEFAULT_TOKEN_BUDGET, GradientComputer
 from qless.model import attach_lora, load_model, load_tokenizer
-from qless.projection import DenseRademacher, SparseRademacher
+from qless.projection import SparseRademacher
 
+HERE = Path(__file__).resolve().parent
+TRAIN = (HERE.parent / ".." / "shared" / "data" / "train").resolve()
+FILES = (TRAIN / "dolly" / "dolly_00.jsonl", TRAIN / "flan_v2_cot" / "flan_v2_cot_00.jsonl")
+BERGSON_PYTHON = HERE.parent / ".bench-venv" / "bin" / "python"
 DIM = 8192
-ENCODINGS = ("f16", "absmax8", "sign1")
+ENCODINGS = ("f16", "absmax8", "sign1-centered")
 
 
-def examples(tokenizer, n: int, length: int, seed: int) -> tuple[list[Example], float]:
-    """n examples of exactly `length` tokens, the second half the response; and s/example to tokenize."""
+def pool_rows(tokenizer, n: int, max_length: int, seed: int = 0) -> list:
+    """n rows, half from each file, drawn from each file's first 400 rows with a response."""
     rng = np.random.default_rng(seed)
-    words = ["gradient", "store", "select", "data", "task", "model", "answer", "question", "reason", "step"]
-    out, seconds = [], 0.0
-    for i in range(n):
-        text = " ".join(rng.choice(words, size=length * 2))
-        t0 = time.perf_counter()
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:length]
-        seconds += time.perf_counter() - t0
-        labels = [-100] * (length // 2) + ids[length // 2:]
-        out.append(Example(f"x{length}-{i}", ids, labels, "/bench", 0, i + 1, None, {}))
-    return out, seconds / n
+    out = []
+    for path in FILES:
+        head = list(itertools.islice(iter_pool([path], tokenizer, max_length, skip_invalid=True,
+                                               chat_format="tulu"), 400))
+        out += [head[i] for i in sorted(rng.choice(len(head), size=n // 2, replace=False))]
+    return out
 
 
-def fake_adam_state(computer: GradientComputer, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def adapter(base, r: int):
+    """LoRA on q,k,v,o with B drawn as after a warmup (a fresh B = 0 gives A no gradient)."""
+    model = attach_lora(base, r=r, alpha=4 * r, dropout=0.1, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1e-3)
+    return model
+
+
+def fake_adam_state(dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    m = torch.randn(computer.dim, generator=g) * 1e-4
-    v = torch.rand(computer.dim, generator=g) * 1e-8
-    return m, v
+    return torch.randn(dim, generator=g) * 1e-4, torch.rand(dim, generator=g) * 1e-8
 
 
-def run_config(model_base, tokenizer, r: int, length: int, n: int, dense_n: int) -> dict:
-    model = attach_lora(model_base, r=r, alpha=4 * r, dropout=0.1)
-    probe = GradientComputer(model, (torch.zeros(1), torch.zeros(1)), mode="sgd")
-    computer = GradientComputer(model, fake_adam_state(probe, r), mode="adam")
-    exs, tokenize_s = examples(tokenizer, n, length, seed=length)
+def run_bergson(adapter_dir: Path, rows: list, budget: int, tmp: Path) -> dict:
+    data = tmp / "rows.jsonl"
+    with open(data, "w") as f:
+        for ex in rows:
+            f.write(json.dumps({"input_ids": ex.input_ids, "labels": ex.labels}) + "\n")
+    out = subprocess.run([str(BERGSON_PYTHON), str(HERE / "bergson_run.py"), str(adapter_dir), str(data),
+                          str(tmp / "bergson-index"), str(budget), "16"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"bergson_run.py failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_config(base, rows: list, r: int, budget: int, bergson: bool, device: torch.device) -> dict:
+    model = adapter(base, r)
+    probe = GradientComputer(model, mode="sgd")
+    computer = GradientComputer(model, fake_adam_state(probe.dim, r), mode="adam", token_budget=budget)
     sparse = SparseRademacher(computer.dim, DIM, seed=0)
-    computer.gradient_tensor(exs[0])  # warm up autograd and the kernels
-    sparse.project(computer.gradient_tensor(exs[0])[None])
-    grads, vectors = [], []
-    t_grad = t_proj = 0.0
-    for ex in exs:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sparse.project(computer.gradient_tensor(rows[0])[None])  # warm up both paths
+    for _ in computer.batched(rows[:2]):
+        pass
+    tokens = sum(len(ex.input_ids) for ex in rows)
+
+    with PeakRSS() as peak1:
         t0 = time.perf_counter()
-        g = computer.gradient_tensor(ex)
-        t1 = time.perf_counter()
-        vectors.append(sparse.project(g[None]).numpy()[0])
-        t2 = time.perf_counter()
-        t_grad += t1 - t0
-        t_proj += t2 - t1
-        if len(grads) < dense_n:
-            grads.append(g)
-    x = np.stack(vectors)
-    for enc in ENCODINGS:  # load the compiled quantizers before timing them
-        quant.quantize(x[:1], enc)
-    t0 = time.perf_counter()
-    for enc in ENCODINGS:
-        quant.quantize(x, enc)
-    t_quant = time.perf_counter() - t0
+        ref = np.stack([sparse.project(computer.gradient_tensor(ex)[None]).cpu().numpy()[0] for ex in rows])
+        sync()
+        t_batch1 = time.perf_counter() - t0
+
+    computer.seconds = {"model": 0.0, "per_example": 0.0}
+    got = np.zeros_like(ref)
+    padded = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as peak2:
+        t0 = time.perf_counter()
+        for idx, grads in computer.batched(rows):
+            got[idx] = sparse.project(grads).cpu().numpy()
+            padded += len(idx) * len(rows[idx[0]].input_ids)
+        sync()
+        t_batched = time.perf_counter() - t0
+    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+
     with tempfile.TemporaryDirectory() as tmp:
         store = gradstore.create(f"{tmp}/s", dim=DIM)
         store.add_checkpoint("e1", lr=1e-5)
         t0 = time.perf_counter()
-        store.write("train", "e1", x, [e.id for e in exs], encodings=ENCODINGS)
-        t_write_all = time.perf_counter() - t0  # quantize + write, as ingest does it
+        store.write("train", "e1", got, [ex.id for ex in rows], encodings=ENCODINGS)
+        t_write = time.perf_counter() - t0
         store.close()
-    t_write = max(t_write_all - t_quant, 0.0)
-    dense = DenseRademacher(computer.dim, DIM, seed=0)
-    t0 = time.perf_counter()
-    for g in grads:
-        dense.project(g[None])
-    t_dense = (time.perf_counter() - t0) / max(len(grads), 1)
+        berg = None
+        if bergson:
+            model.save_pretrained(Path(tmp) / "adapter")
+            berg = run_bergson(Path(tmp) / "adapter", rows, budget, Path(tmp))
     model.unload()  # give the base model back without LoRA for the next config
-    per = {"tokenize": tokenize_s, "gradient": t_grad / n, "projection": t_proj / n,
-           "quantize": t_quant / n, "write": t_write / n}
-    ours = sum(per.values())
-    less = per["tokenize"] + per["gradient"] + t_dense
-    return {"r": r, "tokens": length, "examples": n, "lora_params": computer.dim, "per_example_s": per,
-            "overhead_vs_gradient": (per["projection"] + per["quantize"] + per["write"]) / per["gradient"],
-            "dense_projection_s": t_dense, "dense_examples": len(grads),
-            "examples_per_s": 1 / ours, "less_style_examples_per_s": 1 / less, "speedup_vs_less_style": less / ours}
+    n = len(rows)
+    res = {"r": r, "lora_params": computer.dim, "rows": n, "tokens": tokens,
+           "max_tokens": max(len(ex.input_ids) for ex in rows), "token_budget": budget,
+           "padding": 1 - tokens / padded, "batches": len(computer.batches(rows)),
+           "batch1_examples_per_s": n / t_batch1, "batched_examples_per_s": n / t_batched,
+           "speedup_vs_batch1": t_batch1 / t_batched,
+           "batched_model_s": computer.seconds["model"], "batched_per_example_s": computer.seconds["per_example"],
+           "per_example_share": computer.seconds["per_example"] / t_batched,
+           "quantize_write_share": t_write / t_batched,
+           "min_cosine_batched_vs_batch1": float(cos.min()),
+           "peak_rss_mib": {"batch1": peak1.mib, "batched": peak2.mib}, "cuda_peak_mib": cuda_peak}
+    if berg is not None:
+        res["bergson_examples_per_s"] = n / berg["seconds"]
+        res["batched_vs_bergson"] = berg["seconds"] / t_batched
+        res["peak_rss_mib"]["bergson"] = berg["peak_mib"]
+    return res
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rows", type=int, default=24, help="rows per configuration (half Dolly, half Flan)")
+    parser.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-bergson", action="store_true")
+    parser.add_argument("--config", action="append", type=lambda t: tuple(int(x) for x in t.split(":")),
+                        help="MAX_TOKENS:R, repeatable (default: 512:8 512:128 1024:8 1024:128)")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    bergson = not args.no_bergson and not args.quick
+    if bergson and not BERGSON_PYTHON.exists():
+        raise SystemExit(f"{BERGSON_PYTHON}: no bergson environment (see benchmarks/bergson_run.py), "
+                         "or pass --no-bergson")
     info = machine()
     info["torch_threads"] = torch.get_num_threads()
+    info["device"] = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
     print_machine(info)
     tokenizer = load_tokenizer("smollm2-135m")
-    base = load_model("smollm2-135m", dtype="bf16")
-    configs = [(8, 64, 4, 1), (8, 128, 4, 1)] if args.quick else \
-        [(8, 64, 16, 2), (8, 128, 16, 2), (8, 512, 8, 1), (128, 64, 8, 1), (128, 128, 8, 1), (128, 512, 4, 1)]
-    results = []
-    for r, length, n, dense_n in configs:
-        res = run_config(base, tokenizer, r, length, n, dense_n)
-        results.append(res)
-        p = res["per_example_s"]
-        print(f"r={r} tokens={length}: gradient {p['gradient']:.3f} s, projection {p['projection']:.4f} s,"
-              f" quantize {p['quantize']:.5f} s, write {p['write']:.5f} s, dense {res['dense_projection_s']:.2f} s",
-              flush=True)
-    rows = [[res["r"], res["tokens"], f"{res['per_example_s']['tokenize']:.4f}",
-             f"{res['per_example_s']['gradient']:.3f}", f"{res['per_example_s']['projection']:.4f}",
-             f"{res['per_example_s']['quantize']:.5f}", f"{res['per_example_s']['write']:.5f}",
-             f"{res['overhead_vs_gradient']:.1%}", f"{res['examples_per_s']:.2f}",
-             f"{res['dense_projection_s']:.2f}", f"{res['less_style_examples_per_s']:.3f}",
-             f"{res['speedup_vs_less_style']:.1f}x"] for res in results]
-    print_table(["r", "tokens", "tokenize s", "gradient s", "projection s", "quantize s", "write s",
-                 "proj+quant+write / grad", "ex/s", "dense proj s", "LESS-style ex/s", "ratio"], rows,
-                title="ingest, seconds per example (SmolLM2-135M, bf16, batch 1)")
-    out = {"machine": info, "quick": args.quick, "dim": DIM, "encodings": ENCODINGS, "results": results}
-    write_json("ingest_quick" if args.quick else "ingest", out)
+    base = load_model("smollm2-135m", dtype="bf16", device=device)
+    n = 6 if args.quick else args.rows
+    configs = [(512, 8)] if args.quick else args.config or [(512, 8), (512, 128), (1024, 8), (1024, 128)]
+    name = "ingest_quick" if args.quick else f"ingest_{device.type}"
+    out = {"machine": info, "quick": args.quick, "dim": DIM, "encodings": ENCODINGS, "results": []}
+    for max_length, r in configs:
+        rows = pool_rows(tokenizer, n, max_length)
+        res = run_config(base, rows, r, args.token_budget, bergson, device)
+        res["max_length"] = max_length
+        out["results"].append(res)
+        print(json.dumps(res), flush=True)
+        write_json(name, out)  # after every configuration: a long run stopped early keeps its results
+    results = out["results"]
+    rows = [[res["max_length"], res["r"], res["rows"], f"{res['tokens'] / res['rows']:.0f}",
+             f"{res['batch1_examples_per_s']:.2f}", f"{res['batched_examples_per_s']:.2f}",
+             f"{res['speedup_vs_batch1']:.2f}x",
+             f"{res['bergson_examples_per_s']:.2f}" if "bergson_examples_per_s" in res else "-",
+             f"{res['batched_vs_bergson']:.2f}x" if "batched_vs_bergson" in res else "-",
+             f"{res['padding']:.0%}", f"{res['per_example_share']:.0%}", f"{res['quantize_write_share']:.1%}",
+             " / ".join(f"{v:.0f}" for v in res["peak_rss_mib"].values()),
+             f"{res['min_cosine_batched_vs_batch1']:.5f}"] for res in results]
+    print_table(["max tokens", "r", "rows", "mean tokens", "batch-1 ex/s", "batched ex/s", "vs batch-1",
+                 "bergson ex/s", "vs bergson", "padding", "per-example share", "quant+write share",
+                 "peak MiB (b1/batched/bergson)", "min cos"], rows,
+                title=f"ingest examples/s (SmolLM2-135M bf16, token budget {args.token_budget}, {info['device']})")
     return out
 
 

@@ -224,12 +224,14 @@ def warmup(data, out_dir, percentage, epochs, lr, lora_r, lora_alpha, lora_dropo
               default="sparse-rademacher", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Projection seed.")
 @click.option("--batch-size", default=32, show_default=True, help="Rows per store transaction.")
+@click.option("--token-budget", default=2048, show_default=True, type=click.IntRange(min=1),
+              help="Padded tokens per forward/backward (examples are batched by length; raise it on a GPU).")
 @click.option("--shard", type=SHARD, help="i/n: ingest the i-th of n contiguous shards (default: from torchrun/accelerate).")
 @store_option()
 @silent_option
 @handle_errors
 def ingest(data, set_name, task, data_dir, checkpoints, lrs, model, dtype, quant, encodings, dim, projection,
-           seed, max_length, chat_format, skip_invalid, batch_size, shard, store_path, silent):
+           seed, max_length, chat_format, skip_invalid, batch_size, token_budget, shard, store_path, silent):
     """Compute projected LoRA gradients and write them to the store (resumable).
 
     Training pools get LESS's Adam directions; tasks get plain gradients.
@@ -247,7 +249,7 @@ def ingest(data, set_name, task, data_dir, checkpoints, lrs, model, dtype, quant
         store_path, checkpoints, model, data=data, set_name=set_name, task=task, data_dir=data_dir,
         lrs=lrs, max_length=max_length, chat_format=chat_format, skip_invalid=skip_invalid,
         encodings=encodings, dim=dim, projection=projection, seed=seed, dtype=dtype, quant=quant,
-        batch_size=batch_size, shard=shard or parse_shard(None),
+        batch_size=batch_size, token_budget=token_budget, shard=shard or parse_shard(None),
         progress=not silent)
     if read_report is not None:
         note(read_report.summary(), silent)

@@ -1,28 +1,42 @@
 """Per-example gradients of the response-token loss w.r.t. the LoRA parameters.
 
-`GradientComputer(model, optimizer_state, mode)` returns, for one example, a flat float32 vector
-in the model's trainable-parameter order (the order `optimizer_state.load_optimizer_state` uses):
+`GradientComputer(model, optimizer_state, mode)` gives, per example, a flat float32 vector in the
+model's trainable-parameter order (the order `optimizer_state.load_optimizer_state` uses):
 - mode "sgd" (target-task examples): the gradient g of the mean cross-entropy over the
   response tokens (labels != -100), as `model(**batch).loss` computes it at batch size 1;
 - mode "adam" (training examples): LESS's Adam update direction, exactly as its
   `obtain_gradients_with_adam`: m' = 0.9 m + 0.1 g, v' = 0.999 v + 0.001 g^2,
   direction = m' / sqrt(v' + 1e-8) (eps inside the sqrt, no bias correction).
 
-How (measured on a 2-core CPU, SmolLM2-135M, bf16): a batch-1 loop whose forward asks only for
-the logits of positions that predict a label (`logits_to_keep` as an index tensor) was fastest;
-vmap and padded per-example hooks were slower and used 3-10x the memory.
+Two paths to the same vectors:
+- `batched(examples)` (the default, what ingest runs): examples sorted by length and padded
+  (right, no attention mask needed: the model is causal) into batches of at most `token_budget`
+  padded tokens; one forward and one backward per batch. Hooks on every LoRA `Linear` keep its input x_t and, from the backward, its output
+  gradient d_t; example e's weight gradient is sum_{t in e} d_t x_t^T (for lora_A that is
+  (B^T d) x^T, for lora_B d (A x)^T, the LoRA scaling folded into d). Each token's loss is
+  weighted by 1 / (its example's response-token count), so each example's gradient is that of
+  its own mean loss, as at batch size 1. Padding never contributes: a pad position has no loss
+  and no later real token attends to it, so its d_t is 0.
+- `gradient(example)`: LESS's loop, one forward and backward per example (its forward asks
+  only for the logits of positions that predict a label): the reference the tests hold the
+  batched path to (cosine >= 0.9999 per row in fp32).
+
+Memory: activations grow with the token budget; the per-example gradients of a batch,
+float32 (n, dim), are capped at `gradient_bytes` by limiting the examples per batch.
 
 Mode: the model runs in eval mode, as in LESS (`from_pretrained` returns an eval-mode model and
 LESS never calls `train()`), so LoRA dropout is off and the gradient is deterministic.
-Gradients are computed in the model's dtype and returned in float32; the Adam arithmetic is
-float32. An example with no response token (all labels -100 after truncation) has no loss:
-`gradient` returns None and the caller skips and counts it (its Adam direction would be pure
-momentum, the same for every such row).
+The model runs in its dtype (per-example weight gradients too, as autograd's at batch 1) and
+vectors come out float32, with float32 Adam arithmetic. An
+example with no response token (all labels -100 after truncation) has no loss: it gets no vector
+(`gradient` returns None) and `skipped` counts it (its Adam direction would be pure momentum,
+the same for every such row).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,14 +50,25 @@ BETA1 = 0.9
 BETA2 = 0.999
 EPS = 1e-8
 IGNORE = -100
+# bergson's default; 1-2k tokens per batch was fastest on a 2-core CPU (benchmarks/bench_ingest.py).
+DEFAULT_TOKEN_BUDGET = 2048
+DEFAULT_GRADIENT_BYTES = 512 << 20
+
+
+def response_tokens(example) -> int:
+    """How many positions predict a label (the label at position 0 predicts nothing)."""
+    return sum(1 for y in example.labels[1:] if y != IGNORE)
 
 
 class GradientComputer:
     """Flat per-example LoRA gradients (mode "sgd") or Adam directions (mode "adam")."""
 
-    def __init__(self, model, optimizer_state: Any = None, mode: str = "adam"):
+    def __init__(self, model, optimizer_state: Any = None, mode: str = "adam",
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, gradient_bytes: int = DEFAULT_GRADIENT_BYTES):
         if mode not in ("adam", "sgd"):
             raise ValueError(f"mode must be 'adam' or 'sgd', got {mode!r}")
+        if token_budget < 1:
+            raise ValueError(f"token_budget must be >= 1, got {token_budget}")
         self.model = model
         self.mode = mode
         named = trainable_parameters(model)
@@ -53,7 +78,12 @@ class GradientComputer:
         self.params = [p for _, p in named]
         self.dim = sum(p.numel() for p in self.params)
         self.device = self.params[0].device
+        self.token_budget = token_budget
+        self.max_rows = max(1, gradient_bytes // (4 * self.dim))
         self.skipped = 0
+        # Seconds spent forming per-example gradients from the hooks' tensors (the part a
+        # factored projection could replace) and in the model's forward and backward.
+        self.seconds = {"model": 0.0, "per_example": 0.0}
         self.m = self.v = None
         if mode == "adam":
             if optimizer_state is None:
@@ -76,6 +106,121 @@ class GradientComputer:
         disable_cpu_repacking(model)  # a 4-bit layer must not repack for its no-backward kernel
         model.eval()
 
+    def _direction(self, g: torch.Tensor) -> torch.Tensor:
+        """g itself (sgd), or the Adam direction of g (rows or one vector), in place of g."""
+        if self.mode == "sgd":
+            return g
+        v = (g * g).mul_(1 - BETA2).add_(self.v, alpha=BETA2)
+        return g.mul_(1 - BETA1).add_(self.m, alpha=BETA1).div_(v.add_(EPS).sqrt_())
+
+    # -- the default path: length-bucketed padded batches, per-example gradients from hooks --
+
+    def batches(self, examples: Sequence) -> list[list[int]]:
+        """Indices of `examples` grouped into batches, longest first, each at most `token_budget`
+        padded tokens (a longer example is a batch alone) and `max_rows` examples. Examples without
+        response tokens are left out."""
+        order = sorted((i for i, ex in enumerate(examples) if response_tokens(ex) > 0),
+                       key=lambda i: -len(examples[i].input_ids))
+        out: list[list[int]] = []
+        for i in order:
+            # Sorted longest first, so the batch's first example sets its padded length.
+            if out and len(out[-1]) < self.max_rows and \
+                    (len(out[-1]) + 1) * len(examples[out[-1][0]].input_ids) <= self.token_budget:
+                out[-1].append(i)
+            else:
+                out.append([i])
+        return out
+
+    def _lora_linears(self) -> list[torch.nn.Linear]:
+        """The Linear module whose weight each trainable parameter is, in parameter order."""
+        modules = []
+        for name, p in zip(self.names, self.params):
+            module = self.model.get_submodule(name.rsplit(".", 1)[0])
+            if not (isinstance(module, torch.nn.Linear) and module.weight is p and module.bias is None):
+                raise ValueError(f"{name}: batched gradients need every trainable parameter to be the "
+                                 "weight of a bias-free Linear (plain LoRA); this one is not")
+            modules.append(module)
+        if any(getattr(c, "use_dora", False) for c in getattr(self.model, "peft_config", {}).values()):
+            raise ValueError("batched gradients do not support DoRA (its weight norm is outside the Linears)")
+        return modules
+
+    def batch_tensor(self, examples: Sequence) -> torch.Tensor:
+        """float32 (n, dim) vectors of `examples` (each with response tokens) from one padded
+        forward and backward, on the model's device."""
+        n, length = len(examples), max(len(ex.input_ids) for ex in examples)
+        ids = torch.zeros(n, length, dtype=torch.long)
+        target = torch.full((n, length), IGNORE, dtype=torch.long)  # target[b, t] = labels[b][t + 1]
+        weight = torch.zeros(n, length)
+        for b, ex in enumerate(examples):
+            if len(ex.input_ids) != len(ex.labels):
+                raise ValueError(f"input_ids and labels must be equal-length lists, got "
+                                 f"{len(ex.input_ids)} and {len(ex.labels)}")
+            k = len(ex.input_ids)
+            ids[b, :k] = torch.as_tensor(ex.input_ids)
+            target[b, :k - 1] = torch.as_tensor(ex.labels[1:])
+            count = int((target[b] != IGNORE).sum())
+            if count == 0:
+                raise ValueError("batch_tensor: an example has no response tokens (use batches())")
+            weight[b][target[b] != IGNORE] = 1.0 / count
+        keep = (target != IGNORE).to(self.device)
+        target, weight = target.to(self.device)[keep], weight.to(self.device)[keep]
+
+        modules = self._lora_linears()
+        seen: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def capture(module, args, output):
+            seen[module] = (args[0].detach(), output)
+
+        def only_kept(module, args):  # logits only where a label is predicted
+            return (args[0][keep],)
+
+        t0 = time.perf_counter()
+        handles = [m.register_forward_hook(capture) for m in modules]
+        handles.append(self.model.get_output_embeddings().register_forward_pre_hook(only_kept))
+        try:
+            with torch.enable_grad():
+                # No attention mask: the model is causal and padding is on the right, so no real
+                # token sees a pad; without a mask attention takes its causal fast path.
+                logits = self.model(input_ids=ids.to(self.device), use_cache=False).logits.float()
+                loss = (F.cross_entropy(logits, target, reduction="none") * weight).sum()
+                del logits
+                outputs = [seen[m][1] for m in modules]
+                grads = torch.autograd.grad(loss, outputs)
+        finally:
+            for h in handles:
+                h.remove()
+        t1 = time.perf_counter()
+        out = torch.empty(n, self.dim, dtype=torch.float32, device=self.device)
+        offset = 0
+        for module, d in zip(modules, grads):
+            x = seen.pop(module)[0]
+            size = module.weight.numel()
+            # In the model's dtype, as the batch-1 loop's weight gradients (float32 accumulation).
+            out[:, offset:offset + size] = torch.bmm(d.transpose(1, 2), x).reshape(n, size)
+            offset += size
+        self.seconds["model"] += t1 - t0
+        self.seconds["per_example"] += time.perf_counter() - t1
+        return self._direction(out)
+
+    def batched(self, examples: Sequence) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """(indices into `examples`, their float32 (n, dim) vectors) per batch, in batch order;
+        examples without response tokens appear in none and are counted in `skipped`."""
+        plan = self.batches(examples)
+        self.skipped += len(examples) - sum(len(b) for b in plan)
+        for idx in plan:
+            yield idx, self.batch_tensor([examples[i] for i in idx])
+
+    def gradients(self, examples: Iterable) -> Iterator[tuple[Any, np.ndarray | None]]:
+        """(example, float32 vector or None without response tokens) for each example, in order."""
+        examples = list(examples)
+        vectors: list[np.ndarray | None] = [None] * len(examples)
+        for idx, rows in self.batched(examples):
+            for i, row in zip(idx, rows.cpu().numpy()):
+                vectors[i] = row
+        yield from zip(examples, vectors)
+
+    # -- the reference: LESS's batch-1 loop --
+
     def _loss(self, input_ids: list[int], labels: list[int]) -> torch.Tensor | None:
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
         lab = torch.as_tensor(labels, dtype=torch.long, device=self.device)
@@ -91,7 +236,7 @@ class GradientComputer:
         return F.cross_entropy(logits, target[keep])
 
     def raw_gradient(self, example) -> torch.Tensor | None:
-        """g as one float32 tensor on the model's device, or None without response tokens."""
+        """Batch 1: g as one float32 tensor on the model's device, or None without response tokens."""
         with torch.enable_grad():
             loss = self._loss(example.input_ids, example.labels)
             if loss is None:
@@ -100,25 +245,14 @@ class GradientComputer:
         return torch.cat([g.reshape(-1).float() for g in grads])
 
     def gradient_tensor(self, example) -> torch.Tensor | None:
-        """The vector this computer stands for (g or the Adam direction), on the model's device."""
+        """Batch 1: the vector this computer stands for (g or the Adam direction), on the model's device."""
         g = self.raw_gradient(example)
-        if g is None:
-            return None
-        if self.mode == "sgd":
-            return g
-        m = BETA1 * self.m + (1 - BETA1) * g
-        v = BETA2 * self.v + (1 - BETA2) * g * g
-        return m / torch.sqrt(v + EPS)
+        return None if g is None else self._direction(g)
 
     def gradient(self, example) -> np.ndarray | None:
-        """float32 (dim,) numpy vector, or None (and `skipped` += 1) without response tokens."""
+        """Batch 1: float32 (dim,) numpy vector, or None (and `skipped` += 1) without response tokens."""
         t = self.gradient_tensor(example)
         if t is None:
             self.skipped += 1
             return None
         return t.cpu().numpy()
-
-    def gradients(self, examples: Iterable) -> Iterator[tuple[Any, np.ndarray | None]]:
-        """(example, vector or None) for each example, in order."""
-        for ex in examples:
-            yield ex, self.gradient(ex)

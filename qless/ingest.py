@@ -1,8 +1,11 @@
 """Ingest: examples -> per-example gradients at each checkpoint -> projection -> gradstore.
 
-One checkpoint at a time (one model in memory), batches of rows per store transaction:
+One checkpoint at a time; the base model is loaded once and each checkpoint's LoRA weights are
+loaded into it (examples are tokenized once, by the caller, for every checkpoint). Gradients come
+from length-bucketed batches (`GradientComputer.batched`) over a window of `WINDOW` rows; the
+window's vectors are then written in input order, `batch_size` rows per store transaction:
 - resumable: ids a (set, checkpoint) already holds are skipped, so a killed run loses at most
-  its open batch and a re-run finishes the rest;
+  its open window and a re-run finishes the rest;
 - shardable: shard i of n takes the i-th contiguous slice of the examples, so merging the shard
   stores in order gives the unsharded row order;
 - the store's projection, model and LoRA config are fixed at creation; a later ingest with
@@ -26,10 +29,14 @@ from gradstore.errors import SchemaMismatchError
 
 from .checkpoint import Checkpoint, read_checkpoints
 from .data import DEFAULT_CHAT_FORMAT, DEFAULT_MAX_LENGTH
-from .gradients import GradientComputer
-from .model import load_adapter, load_model, lora_config_dict, model_identity
+from .gradients import DEFAULT_TOKEN_BUDGET, GradientComputer
+from .model import load_adapter, load_model, lora_config_dict, model_identity, reload_adapter
 from .optimizer_state import load_optimizer_state
 from .projection import DEFAULT_DIM, make_projection
+
+# Rows whose gradients are computed together: a wider window buckets lengths better (less
+# padding) and costs only its projected vectors (32 KiB a row at 8192 dims) in memory.
+WINDOW = 512
 
 
 @dataclass
@@ -38,6 +45,7 @@ class IngestReport:
     already_stored: int = 0
     no_response: int = 0
     seconds: dict = field(default_factory=lambda: {"gradient": 0.0, "projection": 0.0, "write": 0.0})
+    padding: float = 0.0  # the share of padded tokens in the gradient batches
 
     def summary(self) -> str:
         parts = [f"{self.written} rows written", f"{self.already_stored} already stored"]
@@ -86,7 +94,8 @@ def ingest(store_path, examples: Sequence, set_name: str, checkpoints: Sequence[
            model_name: str, kind: str = "train", encodings: Sequence[str] = DEFAULT_ENCODINGS,
            dim: int = DEFAULT_DIM, projection: str = "sparse-rademacher", seed: int = 0,
            dtype: str = "bf16", quant: str | None = None, batch_size: int = 32,
-           shard: tuple[int, int] = (0, 1), progress: bool = True) -> IngestReport:
+           token_budget: int = DEFAULT_TOKEN_BUDGET, shard: tuple[int, int] = (0, 1),
+           progress: bool = True) -> IngestReport:
     """Write the projected gradients of `examples` at every checkpoint into the store.
 
     Train sets get LESS's Adam directions (the checkpoint's optimizer state), task sets plain
@@ -101,11 +110,17 @@ def ingest(store_path, examples: Sequence, set_name: str, checkpoints: Sequence[
     examples = shard_slice(list(examples), shard)
     report = IngestReport()
     store = None
+    model = None
+    padded = real = 0
     try:
         for ckpt in checkpoints:
-            model = load_adapter(load_model(model_name, dtype=dtype, quant=quant), ckpt.path)
+            if model is None:
+                model = load_adapter(load_model(model_name, dtype=dtype, quant=quant), ckpt.path)
+            else:
+                model = reload_adapter(model, ckpt.path)
             state = load_optimizer_state(ckpt.path, model) if kind == "train" else None
-            computer = GradientComputer(model, state, mode="adam" if kind == "train" else "sgd")
+            computer = GradientComputer(model, state, mode="adam" if kind == "train" else "sgd",
+                                        token_budget=token_budget)
             spec = {"kind": projection, "seed": seed, "dim": dim, "input_dim": computer.dim}
             if store is None:
                 store = open_or_create(store_path, dim, make_projection(spec).spec(),
@@ -122,31 +137,34 @@ def ingest(store_path, examples: Sequence, set_name: str, checkpoints: Sequence[
             report.already_stored += len(examples) - len(todo)
             bar = tqdm(total=len(todo), desc=f"{set_name}@{ckpt.name}", unit="row", file=sys.stderr,
                        disable=not progress, dynamic_ncols=True)
-            batch: list = []
-            vectors: list[np.ndarray] = []
-            for ex in todo:
+            for start in range(0, len(todo), WINDOW):
+                window = todo[start:start + WINDOW]
+                vectors: dict[int, np.ndarray] = {}
                 t0 = time.perf_counter()
-                g = computer.gradient_tensor(ex)
-                t1 = time.perf_counter()
-                if g is None:
-                    report.no_response += 1
-                    bar.update(1)
-                    continue
-                vectors.append(project.project(g[None]).cpu().numpy()[0])
-                report.seconds["gradient"] += t1 - t0
-                report.seconds["projection"] += time.perf_counter() - t1
-                batch.append(ex)
-                if len(batch) == batch_size:
-                    report.written += _write(store, set_name, ckpt.name, kind, encodings, batch, vectors, report)
-                    batch, vectors = [], []
-                bar.update(1)
-            if batch:
-                report.written += _write(store, set_name, ckpt.name, kind, encodings, batch, vectors, report)
+                for idx, grads in computer.batched(window):
+                    t1 = time.perf_counter()
+                    for i, row in zip(idx, project.project(grads).cpu().numpy()):
+                        vectors[i] = row
+                    t2 = time.perf_counter()
+                    report.seconds["gradient"] += t1 - t0
+                    report.seconds["projection"] += t2 - t1
+                    padded += len(idx) * len(window[idx[0]].input_ids)
+                    real += sum(len(window[i].input_ids) for i in idx)
+                    bar.update(len(idx))
+                    t0 = time.perf_counter()
+                report.no_response += len(window) - len(vectors)
+                bar.update(len(window) - len(vectors))
+                keep = [i for i in range(len(window)) if i in vectors]
+                for b in range(0, len(keep), batch_size):
+                    rows = keep[b:b + batch_size]
+                    report.written += _write(store, set_name, ckpt.name, kind, encodings,
+                                             [window[i] for i in rows], [vectors[i] for i in rows], report)
             bar.close()
-            del model, computer, state
+            del computer, state
     finally:
         if store is not None:
             store.close()
+    report.padding = 1 - real / padded if padded else 0.0
     return report
 
 

@@ -282,6 +282,33 @@ def load_adapter(model, checkpoint_dir: str | os.PathLike):
     return peft_model
 
 
+def reload_adapter(model, checkpoint_dir: str | os.PathLike):
+    """Load another checkpoint's LoRA weights into `model` (from `load_adapter`) in place.
+
+    Ingest visits several checkpoints of one warmup run: only the adapter changes, so the base
+    model is loaded once. The checkpoint's LoRA settings must be the loaded adapter's.
+    """
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    path = Path(checkpoint_dir)
+    if not (path / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{path}: no adapter_config.json (not a LoRA checkpoint folder)")
+    have, new = model.peft_config[model.active_adapter], PeftConfig.from_pretrained(str(path))
+    for key in ("peft_type", "r", "lora_alpha", "target_modules", "use_dora", "use_rslora"):
+        a, b = getattr(have, key, None), getattr(new, key, None)
+        if (set(a) if isinstance(a, (list, set)) else a) != (set(b) if isinstance(b, (list, set)) else b):
+            raise ModelLoadError(f"{path}: LoRA {key} is {b}, the loaded adapter's is {a}")
+    weights = load_peft_weights(str(path), device=str(model.device))
+    result = set_peft_model_state_dict(model, weights)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ModelLoadError(f"{path}: adapter weights do not fit the model "
+                             f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+    model.eval()
+    return model
+
+
 def lora_config_dict(model) -> dict:
     """The LoRA settings of a peft model, JSON-safe, for the store's metadata."""
     cfg = model.peft_config[model.active_adapter]

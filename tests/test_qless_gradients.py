@@ -134,3 +134,137 @@ def test_smollm2_gradient_matches_hf_backward():
     ref = reference_grad(m, ex)
     cos = g @ ref / np.linalg.norm(g) / np.linalg.norm(ref)
     assert g.shape == (gc.dim,) and cos > 0.9999
+
+
+# -- the batched path (length-bucketed padded batches, per-example gradients from hooks) --
+
+def mixed_examples(count=9, seed=10):
+    """Examples of different lengths and prompt lengths, one without response tokens."""
+    out = [example(seed + i, n=6 + 5 * i % 37, prompt=2 + i % 5) for i in range(count)]
+    out.insert(3, Ex(list(range(12)), [-100] * 12))
+    return out
+
+
+def cosines(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def adam_state(model, seed=0):
+    D = sum(p.numel() for _, p in trainable_parameters(model))
+    rng = np.random.default_rng(seed)
+    return (torch.from_numpy(rng.standard_normal(D).astype(np.float32) * 1e-3),
+            torch.from_numpy(rng.random(D).astype(np.float32) * 1e-6))
+
+
+@pytest.mark.parametrize("mode", ["sgd", "adam"])
+def test_batched_equals_batch1(model, mode):
+    exs = mixed_examples()
+    gc = GradientComputer(model, adam_state(model) if mode == "adam" else None, mode=mode, token_budget=64)
+    assert len(gc.batches(exs)) > 2  # several padded batches, not one
+    batched = list(gc.gradients(exs))
+    assert batched[3][1] is None and gc.skipped == 1
+    ref = np.stack([gc.gradient(e) for i, e in enumerate(exs) if i != 3])
+    got = np.stack([v for i, (_, v) in enumerate(batched) if i != 3])
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert cosines(got, ref).min() >= 0.9999
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-5 if mode == "sgd" else 1e-3)
+
+
+def test_batched_sgd_equals_hf_loss_backward(model):
+    exs = [example(20, n=30, prompt=10), example(21, n=12, prompt=3)]
+    got = dict((id(e), v) for e, v in GradientComputer(model, mode="sgd").gradients(exs))
+    for e in exs:
+        np.testing.assert_allclose(got[id(e)], reference_grad(model, e), rtol=1e-4, atol=1e-6)
+
+
+def test_batches_respect_the_token_budget(model):
+    exs = [example(i, n=n, prompt=1) for i, n in enumerate([10, 40, 12, 25, 5, 70, 10])]
+    gc = GradientComputer(model, mode="sgd", token_budget=40)
+    plan = gc.batches(exs)
+    assert sorted(i for b in plan for i in b) == list(range(len(exs)))
+    assert plan[0] == [5]  # longer than the budget: alone
+    lengths = [len(exs[b[0]].input_ids) for b in plan]
+    assert lengths == sorted(lengths, reverse=True)
+    for b in plan[1:]:
+        assert len(b) * max(len(exs[i].input_ids) for i in b) <= 40
+    assert plan == [[5], [1], [3], [2, 0, 6], [4]]
+    gc.max_rows = 2
+    assert all(len(b) <= 2 for b in gc.batches(exs))
+
+
+def test_batched_bf16_selects_the_same_top_rows(model):
+    import copy
+
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    pool = [example(100 + i, n=8 + (7 * i) % 40, prompt=2 + i % 6) for i in range(60)]
+    gc = GradientComputer(m16, adam_state(model, 1), mode="adam", token_budget=128)
+    task = GradientComputer(m16, mode="sgd").gradient(example(999, n=30, prompt=10))
+    ref = np.stack([gc.gradient(e) for e in pool])
+    got = np.stack([v for _, v in gc.gradients(pool)])
+    assert cosines(got, ref).min() > 0.99
+
+    def top(x):  # LESS's score, top 5%
+        return set(np.argsort(-(x @ task) / np.linalg.norm(x, axis=1))[:3])
+    assert top(got) == top(ref)
+
+
+def test_batched_rejects_a_trainable_non_lora_parameter(model):
+    import copy
+
+    m = copy.deepcopy(model)
+    m.get_input_embeddings().weight.requires_grad_(True)
+    gc = GradientComputer(m, mode="sgd")
+    with pytest.raises(ValueError, match="bias-free Linear"):
+        list(gc.gradients([example(1)]))
+
+
+@pytest.mark.slow
+def test_smollm2_batched_equals_batch1_on_real_rows(shared_data):
+    """Real Dolly and Flan rows: fp32 rows equal batch 1's (pool Adam directions and task
+    gradients), and the bf16 model selects the same top 5% either way."""
+    import itertools
+
+    from qless.data import iter_pool
+    from qless.model import load_model, load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    rows = []
+    for path in ("train/dolly/dolly_00.jsonl", "train/flan_v2_cot/flan_v2_cot_00.jsonl"):
+        rows += itertools.islice(iter_pool([shared_data / path], tok, 256, skip_invalid=True,
+                                           chat_format="tulu"), 20)
+    task = rows.pop()
+    for dtype in ("fp32", "bf16"):
+        m = attach_lora(load_model("smollm2-135m", dtype=dtype), r=8, alpha=32, seed=0)
+        with torch.no_grad():
+            for n, p in trainable_parameters(m):
+                if "lora_B" in n:
+                    p.normal_(0, 1e-3)
+        state = adam_state(m, 2)
+        pool = GradientComputer(m, (state[0] * 1e-2, state[1] * 1e-6), mode="adam", token_budget=1024)
+        ref = np.stack([pool.gradient(e) for e in rows])
+        got = np.stack([v for _, v in pool.gradients(rows)])
+        if dtype == "fp32":
+            assert cosines(got, ref).min() >= 0.9999
+            sgd = GradientComputer(m, mode="sgd", token_budget=1024)
+            tasks = rows[:8]
+            assert cosines(np.stack([v for _, v in sgd.gradients(tasks)]),
+                           np.stack([sgd.gradient(e) for e in tasks])).min() >= 0.9999
+        else:
+            v = GradientComputer(m, mode="sgd").gradient(task)
+
+            def top(x):  # LESS's score, top 5%
+                return set(np.argsort(-(x @ v) / np.linalg.norm(x, axis=1))[:2])
+            assert top(got) == top(ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_equals_batch1_on_cuda(model):
+    import copy
+
+    m = copy.deepcopy(model).to("cuda")
+    exs = mixed_examples()
+    gc = GradientComputer(m, tuple(t.cuda() for t in adam_state(model)), mode="adam", token_budget=64)
+    got = np.stack([v for i, (_, v) in enumerate(gc.gradients(exs)) if i != 3])
+    ref = np.stack([gc.gradient(e) for i, e in enumerate(exs) if i != 3])
+    assert cosines(got, ref).min() >= 0.9999

@@ -68,8 +68,9 @@ def test_vectors_equal_the_direct_computation(tiny, tmp_path):
         for ckpt in ckpts:
             model = load_adapter(load_model(model_dir, dtype="fp32"), ckpt.path)
             computer = GradientComputer(model, load_optimizer_state(ckpt.path, model), mode="adam")
-            direct = np.stack([project.project(computer.gradient(e)[None])[0] for e in pool])
-            np.testing.assert_allclose(store.vectors("train", ckpt.name, "f32"), direct, rtol=1e-5, atol=1e-6)
+            direct = np.stack([project.project(computer.gradient(e)[None])[0] for e in pool])  # batch 1
+            # ingest's batched path, with the second checkpoint's adapter loaded into the same model
+            np.testing.assert_allclose(store.vectors("train", ckpt.name, "f32"), direct, rtol=1e-5, atol=1e-5)
         assert store.meta["lora"]["r"] == 4 and store.meta["projection"]["dim"] == 64
 
 
@@ -145,3 +146,17 @@ def test_shards_are_contiguous_and_cover_everything(monkeypatch):
     assert parse_shard(None) == (2, 8)
     with pytest.raises(ValueError, match="need 0 <= i < n"):
         parse_shard("4/4")
+
+
+def test_reload_adapter_loads_weights_in_place_and_refuses_other_settings(tiny, tmp_path):
+    from qless.model import ModelLoadError, reload_adapter
+
+    model_dir, ckpts = tiny
+    model = load_adapter(load_model(model_dir, dtype="fp32"), ckpts[0].path)
+    fresh = load_adapter(load_model(model_dir, dtype="fp32"), ckpts[1].path)
+    assert reload_adapter(model, ckpts[1].path) is model
+    for (n, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(p, q), n
+    attach_lora(load_model(model_dir, dtype="fp32"), r=2, alpha=8).save_pretrained(tmp_path / "r2")
+    with pytest.raises(ModelLoadError, match="LoRA r is 2, the loaded adapter's is 4"):
+        reload_adapter(model, tmp_path / "r2")
