@@ -231,7 +231,7 @@ def test_smollm2_batched_equals_batch1_on_real_rows(shared_data):
     rows = []
     for path in ("train/dolly/dolly_00.jsonl", "train/flan_v2_cot/flan_v2_cot_00.jsonl"):
         rows += itertools.islice(iter_pool([shared_data / path], tok, 256, skip_invalid=True,
-                                           chat_format="tulu"), 20)
+                                           chat_format="tulu"), 10)
     task = rows.pop()
     for dtype in ("fp32", "bf16"):
         m = attach_lora(load_model("smollm2-135m", dtype=dtype), r=8, alpha=32, seed=0)
