@@ -801,7 +801,8 @@ class Store:
 
         Covers the rows every checkpoint holds (at most `limit`). One read transaction spans
         the scan, so it sees one consistent snapshot even while an ingest writes. The arrays
-        are zero-copy views into the map: use or copy them before the next step.
+        are zero-copy views into the map, valid while the scan runs (LMDB keeps a read
+        transaction's values in place until it ends): copy what must outlive it.
         """
         enc = parse_encoding(encoding)
         with self.env.begin(buffers=True) as txn:

@@ -206,7 +206,7 @@ class _Scorer:
 
 
 def _scored(score: _Scorer, steps: Iterable[tuple]) -> Iterator[tuple[tuple, np.ndarray]]:
-    """(step, scores of step[1], the blocks) in order, blocks spread over numba's thread count.
+    """(step, scores of its blocks step[1]) in order, blocks spread over numba's thread count.
 
     Each worker scores whole blocks on its own thread (kernels.single_threaded), so no block
     waits at a parallel barrier; at most two blocks per worker are in flight, each a view into
