@@ -22,6 +22,7 @@ Nothing is pickled: metadata is JSON, vectors are raw little-endian arrays.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import fcntl
 import json
@@ -191,9 +192,28 @@ class _EnvRegistry:
                     path, map_size=map_size, max_dbs=len(_DBS), subdir=True, readonly=not writable,
                     lock=writable, readahead=False, metasync=True, sync=True, create=False,
                 )
-                entry = self._envs[key] = [env, 0]
+                entry = self._envs[key] = [env, 0, 0]  # env, handles, open snapshots
             entry[1] += 1
             return entry[0]
+
+    @contextlib.contextmanager
+    def reading(self, path: str, env: lmdb.Environment) -> Iterator:
+        """A read transaction (buffers=True) that can outlive single calls: while one is open,
+        no handle of this process remaps the file (that would move the pages under its views)."""
+        entry = self._envs[(os.getpid(), path)]
+        with self._lock:
+            entry[2] += 1
+        try:
+            with env.begin(buffers=True) as txn:
+                yield txn
+        finally:
+            with self._lock:
+                entry[2] -= 1
+
+    def may_remap(self, path: str) -> bool:
+        with self._lock:
+            entry = self._envs.get((os.getpid(), path))
+            return entry is None or entry[2] == 0
 
     def holds(self, path: str) -> bool:
         with self._lock:
@@ -435,7 +455,8 @@ class Store:
             raise GradstoreError(f"{self.path}: store is closed")
         if self._pid != os.getpid():  # after fork: never touch the parent's environment
             self._connect()
-        _adopt_growth(self._env)
+        if _REGISTRY.may_remap(self.path):
+            _adopt_growth(self._env)
         return self._env
 
     def close(self) -> None:
@@ -465,11 +486,17 @@ class Store:
             try:
                 with env.begin(write=True) as txn:
                     return fn(txn)
-            except lmdb.MapFullError:
-                self._map_size = env.info()["map_size"] * 2
-                env.set_mapsize(self._map_size)
-            except lmdb.MapResizedError:  # another writer grew the map since we looked
-                env.set_mapsize(0)
+            except (lmdb.MapFullError, lmdb.MapResizedError) as exc:
+                if not _REGISTRY.may_remap(self.path):
+                    raise GradstoreError(
+                        f"{self.path}: the store's map must grow for this write, but a scan or"
+                        " snapshot of it is open in this process (growing would move its pages):"
+                        " finish that, then write again; nothing was written") from None
+                if isinstance(exc, lmdb.MapFullError):
+                    self._map_size = env.info()["map_size"] * 2
+                    env.set_mapsize(self._map_size)
+                else:  # another writer grew the map since we looked
+                    env.set_mapsize(0)
             except (lmdb.DiskError, OSError) as exc:
                 if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
@@ -794,18 +821,28 @@ class Store:
             txn.put(key, encode_block(rows.take(slice(lo, lo + block_rows))), db=self._dbs["blocks"])
 
     # ---- reading --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[object]:
+        """One read transaction to pass to several scans as `snapshot=`: they all see the same
+        committed state, and the views they yield stay valid until this block exits."""
+        with _REGISTRY.reading(self.path, self.env) as txn:
+            yield txn
+
+    def _reading(self, snapshot):
+        return contextlib.nullcontext(snapshot) if snapshot is not None else self.snapshot()
+
     def scan(self, set_name: str, checkpoints: Sequence[str], encoding: str, verify: bool = False,
-             with_rows: bool = False, limit: int | None = None
+             with_rows: bool = False, limit: int | None = None, snapshot=None
              ) -> Iterator[tuple[int, list[Block], list[dict] | None]]:
         """Yield (start row, [Block per checkpoint], row metadata or None) block by block.
 
         Covers the rows every checkpoint holds (at most `limit`). One read transaction spans
         the scan, so it sees one consistent snapshot even while an ingest writes. The arrays
-        are zero-copy views into the map, valid while the scan runs (LMDB keeps a read
-        transaction's values in place until it ends): copy what must outlive it.
+        are zero-copy views into the map, valid until the scan ends, or until `snapshot` (from
+        `Store.snapshot()`) exits when one is given: copy what must outlive that.
         """
         enc = parse_encoding(encoding)
-        with self.env.begin(buffers=True) as txn:
+        with self._reading(snapshot) as txn:
             rec = self._set_record(txn, set_name)
             layout = self._encoding_layout(rec, set_name, enc)
             idx = [self._checkpoint_index(txn, c) for c in checkpoints]
@@ -825,18 +862,18 @@ class Store:
                 yield start, blocks, metas
 
     def scan_rows(self, set_name: str, checkpoints: Sequence[str], encoding: str,
-                  rows) -> Iterator[tuple[np.ndarray, list[Block]]]:
+                  rows, snapshot=None) -> Iterator[tuple[np.ndarray, list[Block]]]:
         """Yield (row numbers, [Block per checkpoint]) for the given rows only, block by block.
 
         `rows` must be increasing and held by every checkpoint. Each Block holds just those
         rows of one stored block, copied out (its `start` is the stored block's first row), so
-        only their pages are read. One read transaction spans the scan.
+        only their pages are read. One read transaction spans the scan (or `snapshot`'s).
         """
         enc = parse_encoding(encoding)
         rows = np.asarray(rows, np.int64)
         if rows.ndim != 1 or (len(rows) > 1 and (np.diff(rows) <= 0).any()):
             raise ValueError("scan_rows: rows must be a 1-D array of increasing row numbers")
-        with self.env.begin(buffers=True) as txn:
+        with self._reading(snapshot) as txn:
             rec = self._set_record(txn, set_name)
             layout = self._encoding_layout(rec, set_name, enc)
             idx = [self._checkpoint_index(txn, c) for c in checkpoints]

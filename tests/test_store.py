@@ -253,3 +253,37 @@ def test_scan_rows_reads_just_the_given_rows_block_by_block(tmp_store):
         list(tmp_store.scan_rows("train", ["epoch-1"], "sign1", [3, 3]))
     with pytest.raises(ValueError, match="rows 5..20 are outside the 20 rows every checkpoint of 'train' holds"):
         list(tmp_store.scan_rows("train", ["epoch-1", "epoch-2"], "sign1", [5, 20]))
+
+
+def test_a_snapshot_keeps_scan_views_in_place_while_a_writer_rewrites_their_blocks(tmp_path):
+    # The executor scores a scan's last blocks after the scan's generator has ended; without a
+    # held read transaction LMDB hands their pages to the next write (here: rows refilled the
+    # partial last block, and the following writes reused the freed pages).
+    store = gradstore.create(tmp_path / "s", dim=DIM, map_size=64 << 20, block_bytes=64)
+    store.add_checkpoint("epoch-1", lr=2e-5, step=10, epoch=1)
+    store.write("train", "epoch-1", rand(30), [f"r{i}" for i in range(30)], encodings=("f32",))
+    reader = gradstore.open(tmp_path / "s")
+    with reader.snapshot() as snap:
+        views = [b.payload for _, (b,), _ in reader.scan("train", ["epoch-1"], "f32", snapshot=snap)]
+        stored = np.concatenate(views)  # a copy, taken before any write
+        for k in range(20):
+            store.write("train", "epoch-1", rand(7, seed=k + 1), [f"q{k}-{i}" for i in range(7)],
+                        encodings=("f32",))
+        assert reader.n_rows("train") == 30 + 20 * 7  # reads beside the snapshot see the writes
+        np.testing.assert_array_equal(np.concatenate(views), stored)
+    reader.close()
+    store.close()
+
+
+def test_a_write_that_must_grow_the_map_under_an_open_snapshot_is_refused(tmp_store):
+    tmp_store.write("train", "epoch-1", rand(4), ["a", "b", "c", "d"], encodings=("f32",))
+    stored = tmp_store.read("train", "epoch-1", "f32").payload
+    big = rand(2000, seed=3)
+    with tmp_store.snapshot() as snap:
+        (b,) = next(tmp_store.scan("train", ["epoch-1"], "f32", snapshot=snap))[1]
+        with pytest.raises(gradstore.GradstoreError, match="map must grow .* a scan or snapshot of it is open"):
+            tmp_store.write("train", "epoch-1", big, [f"x{i}" for i in range(2000)], encodings=("f32",))
+        np.testing.assert_array_equal(b.payload, stored[: len(b.payload)])
+    assert tmp_store.n_rows("train") == 4  # nothing was written
+    tmp_store.write("train", "epoch-1", big, [f"x{i}" for i in range(2000)], encodings=("f32",))
+    assert tmp_store.n_rows("train") == 2004

@@ -10,6 +10,7 @@ whatever the pool size.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -209,8 +210,9 @@ def _scored(score: _Scorer, steps: Iterable[tuple]) -> Iterator[tuple[tuple, np.
     """(step, scores of its blocks step[1]) in order, blocks spread over numba's thread count.
 
     Each worker scores whole blocks on its own thread (kernels.single_threaded), so no block
-    waits at a parallel barrier; at most two blocks per worker are in flight, each a view into
-    the read transaction that the `steps` generator keeps open until it is exhausted.
+    waits at a parallel barrier; at most two blocks per worker are in flight. They are views
+    into the map, scored after `steps` yields them, even after it ends: `steps` must read
+    from a snapshot the caller holds until this generator is done.
     """
     threads = numba.get_num_threads()
     if threads == 1:
@@ -235,35 +237,43 @@ def _scored(score: _Scorer, steps: Iterable[tuple]) -> Iterator[tuple[tuple, np.
 
 
 def execute(store, plan: Plan) -> Result:
-    first = plan.stages[0]
-    where = plan.query.where
-    top = _TopK(first.keep) if first.keep is not None else None
-    all_scores = [] if top is None else None
-
-    steps = store.scan(plan.set_name, plan.checkpoints, first.encoding, with_rows=where is not None,
-                       limit=plan.n_rows)
-    for (start, _, metas), scores in _scored(_Scorer(store, plan, first), steps):
-        n = len(scores)
-        rows = np.arange(start, start + n, dtype=np.int64)
-        if where is not None:
-            keep = np.fromiter((where.evaluate(m) for m in metas), bool, n)
-            scores, rows = scores[keep], rows[keep]
-        if top is not None:
-            top.push(scores, rows)
-        else:
-            all_scores.append((scores, rows))
-
-    if top is not None:
-        scores, rows = top.best()
-    elif all_scores:
-        scores = np.concatenate([s for s, _ in all_scores])
-        rows = np.concatenate([r for _, r in all_scores])
-    else:
-        scores, rows = np.empty(0, np.float32), np.empty(0, np.int64)
-    if len(plan.stages) > 1:
-        scores, rows = _rerank(store, plan, np.sort(rows))
+    scorers = [_Scorer(store, plan, stage) for stage in plan.stages]
+    # One snapshot spans both stages and outlives the first stage's scan: its last blocks are
+    # still scored on the pool after the scan's generator ends, and the rerank must read the
+    # rows the shortlist saw. Nothing else may touch the store inside it (see Store.snapshot).
+    with store.snapshot() as snap:
+        scores, rows = _first_stage(store, plan, scorers[0], snap)
+        if len(plan.stages) > 1:
+            scores, rows = _rerank(store, plan, scorers[1], np.sort(rows), snap)
     records = store.rows_at(plan.set_name, rows)
     return Result([r["id"] for r in records], scores, rows, plan, records)
+
+
+def _first_stage(store, plan: Plan, score: _Scorer, snap) -> tuple[np.ndarray, np.ndarray]:
+    """Every row through the first stage: its top `keep`, or every score when keep is None."""
+    where = plan.query.where
+    keep = plan.stages[0].keep
+    top = _TopK(keep) if keep is not None else None
+    all_scores = []
+    steps = store.scan(plan.set_name, plan.checkpoints, score.stage.encoding,
+                       with_rows=where is not None, limit=plan.n_rows, snapshot=snap)
+    with contextlib.closing(_scored(score, steps)) as scored:  # waits for its pool on errors
+        for (start, _, metas), scores in scored:
+            n = len(scores)
+            rows = np.arange(start, start + n, dtype=np.int64)
+            if where is not None:
+                kept = np.fromiter((where.evaluate(m) for m in metas), bool, n)
+                scores, rows = scores[kept], rows[kept]
+            if top is not None:
+                top.push(scores, rows)
+            else:
+                all_scores.append((scores, rows))
+    if top is not None:
+        return top.best()
+    if all_scores:
+        return (np.concatenate([s for s, _ in all_scores]),
+                np.concatenate([r for _, r in all_scores]))
+    return np.empty(0, np.float32), np.empty(0, np.int64)
 
 
 # Shortlisted rows scored per kernel call in a rerank: a stored block holds only a fraction of
@@ -271,12 +281,11 @@ def execute(store, plan: Plan) -> Result:
 _RERANK_BATCH_ROWS = 4096
 
 
-def _rerank(store, plan: Plan, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _rerank(store, plan: Plan, score: _Scorer, rows: np.ndarray, snap) -> tuple[np.ndarray, np.ndarray]:
     """The final stage over the shortlist's rows only, read in row order block by block."""
-    stage = plan.final
-    score = _Scorer(store, plan, stage)
+    stage = score.stage
     top = _TopK(stage.keep)
-    steps = store.scan_rows(plan.set_name, plan.checkpoints, stage.encoding, rows)
+    steps = store.scan_rows(plan.set_name, plan.checkpoints, stage.encoding, rows, snapshot=snap)
     for picked, blocks in _joined(steps, _RERANK_BATCH_ROWS):
         top.push(score(blocks), picked)  # one parallel kernel call per checkpoint and batch
     return top.best()
