@@ -127,33 +127,37 @@ def _declare(builder, name, ret, args):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
 
 
-def _make_udot(R: int, C: int):
-    """An intrinsic ``f(a, i, planes, j, nchunks) -> UniTuple(int32, R*C)``.
+def _row_pointer(context, builder, aty, arr_a, rows_ty, rows, r: int):
+    """Pointer to the first byte of row rows[r] of the 2-D array a (rows: a UniTuple of ints)."""
+    i = context.cast(builder, builder.extract_value(rows, r), rows_ty.dtype, types.intp)
+    return cgutils.get_item_pointer(context, builder, aty, arr_a, [i, ir.Constant(_I64, 0)])
 
-    Entry ``r*C + c`` is ``sum_p sum_t field_t(a[i+r, p]) * planes[j+c, t, p]`` over the
+
+def _make_udot(R: int, C: int):
+    """An intrinsic ``f(a, rows, planes, j, nchunks) -> UniTuple(int32, R*C)``.
+
+    Entry ``r*C + c`` is ``sum_p sum_t field_t(a[rows[r], p]) * planes[j+c, t, p]`` over the
     first ``nchunks * 64`` bytes, fields unsigned k-bit (k = 8 / planes.shape[1], so k = 1 reads
     sign bits as 0 / 1) and planes signed int8. Rows of ``a`` and ``planes`` must be C-contiguous in their last axis.
     """
 
     @intrinsic
-    def udot(typingctx, a, i, planes, j, nchunks):
+    def udot(typingctx, a, rows, planes, j, nchunks):
         ret = types.UniTuple(types.int32, R * C)
-        sig = ret(a, i, planes, j, nchunks)
+        sig = ret(a, rows, planes, j, nchunks)
 
         def codegen(context, builder, signature, args):
             aty, ity, pty, jty, nty = signature.args
             av, iv, pv, jv, nv = args
             arr_a = context.make_array(aty)(context, builder, av)
             arr_p = context.make_array(pty)(context, builder, pv)
-            iv = context.cast(builder, iv, ity, types.intp)
             jv = context.cast(builder, jv, jty, types.intp)
             nv = context.cast(builder, nv, nty, types.intp)
             zero = ir.Constant(_I64, 0)
             nfields = builder.extract_value(arr_p.shape, 1)
 
             def row_ptr(r):
-                idx = [builder.add(iv, ir.Constant(_I64, r)), zero]
-                return cgutils.get_item_pointer(context, builder, aty, arr_a, idx)
+                return _row_pointer(context, builder, aty, arr_a, ity, iv, r)
 
             def plane_ptr(c, t):
                 idx = [builder.add(jv, ir.Constant(_I64, c)), ir.Constant(_I64, t), zero]
@@ -234,9 +238,9 @@ _V16F16 = ir.VectorType(ir.HalfType(), 16)
 
 
 def _make_fdot(R: int, C: int):
-    """An intrinsic ``f(a, i, q, j, n, half) -> UniTuple(float32, R*C)``.
+    """An intrinsic ``f(a, rows, q, j, n, half) -> UniTuple(float32, R*C)``.
 
-    Entry ``r*C + c`` is ``sum_{t < n} row_t * q[j+c, t]``, row ``i+r`` of the uint8 array ``a``
+    Entry ``r*C + c`` is ``sum_{t < n} row_t * q[j+c, t]``, row ``rows[r]`` of the uint8 array ``a``
     read as float32 (``half`` 0) or float16 (``half`` 1) values, ``q`` float32. The order of
     the sum is fixed and the same for every row, whatever R and C (16 lanes of FMAs over
     64-byte chunks, an ordered lane reduction, then the tail in order), so equal rows get
@@ -244,16 +248,15 @@ def _make_fdot(R: int, C: int):
     """
 
     @intrinsic
-    def fdot(typingctx, a, i, q, j, n, half):
+    def fdot(typingctx, a, rows, q, j, n, half):
         ret = types.UniTuple(types.float32, R * C)
-        sig = ret(a, i, q, j, n, half)
+        sig = ret(a, rows, q, j, n, half)
 
         def codegen(context, builder, signature, args):
             aty, ity, qty, jty, nty, hty = signature.args
             av, iv, qv, jv, nv, hv = args
             arr_a = context.make_array(aty)(context, builder, av)
             arr_q = context.make_array(qty)(context, builder, qv)
-            iv = context.cast(builder, iv, ity, types.intp)
             jv = context.cast(builder, jv, jty, types.intp)
             nv = context.cast(builder, nv, nty, types.intp)
             hv = context.cast(builder, hv, hty, types.intp)
@@ -264,9 +267,7 @@ def _make_fdot(R: int, C: int):
             q_ptrs = [cgutils.get_item_pointer(
                 context, builder, qty, arr_q, [builder.add(jv, ir.Constant(_I64, c)), zero])
                 for c in range(C)]
-            raw_rows = [cgutils.get_item_pointer(
-                context, builder, aty, arr_a, [builder.add(iv, ir.Constant(_I64, r)), zero])
-                for r in range(R)]
+            raw_rows = [_row_pointer(context, builder, aty, arr_a, ity, iv, r) for r in range(R)]
             nch = builder.sdiv(nv, ir.Constant(_I64, 16))
             accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16F32, None))
                     for _ in range(R * C)]
@@ -371,8 +372,8 @@ def _int_tail(a, i, planes, j, p0, bits):
 
 
 @njit(**_JIT)
-def _int_block(a, i0, planes, qcorr, bits, out):
-    """out[r, j] = <levels(a[i0 + r]), levels(query j)> for r < out.shape[0]."""
+def _int_block(a, at, k0, planes, qcorr, bits, out):
+    """out[r, j] = <levels(a[at[k0 + r]]), levels(query j)> for r < out.shape[0]."""
     nb = planes.shape[0]
     nbytes = a.shape[1]
     nch = nbytes // 64
@@ -381,13 +382,13 @@ def _int_block(a, i0, planes, qcorr, bits, out):
     if R == 4:
         j = 0
         while j + 4 <= nb:
-            t = _udot44(a, i0, planes, j, nch)
+            t = _udot44(a, (at[k0], at[k0 + 1], at[k0 + 2], at[k0 + 3]), planes, j, nch)
             for r in range(4):
                 for c in range(4):
                     out[r, j + c] = t[r * 4 + c] - qcorr[j + c]
             j += 4
         while j < nb:
-            t1 = _udot41(a, i0, planes, j, nch)
+            t1 = _udot41(a, (at[k0], at[k0 + 1], at[k0 + 2], at[k0 + 3]), planes, j, nch)
             for r in range(4):
                 out[r, j] = t1[r] - qcorr[j]
             j += 1
@@ -395,33 +396,33 @@ def _int_block(a, i0, planes, qcorr, bits, out):
         for r in range(R):
             j = 0
             while j + 4 <= nb:
-                t4 = _udot14(a, i0 + r, planes, j, nch)
+                t4 = _udot14(a, (at[k0 + r],), planes, j, nch)
                 for c in range(4):
                     out[r, j + c] = t4[c] - qcorr[j + c]
                 j += 4
             while j < nb:
-                out[r, j] = _udot11(a, i0 + r, planes, j, nch)[0] - qcorr[j]
+                out[r, j] = _udot11(a, (at[k0 + r],), planes, j, nch)[0] - qcorr[j]
                 j += 1
     if p0 < nbytes:
         for r in range(R):
             for j in range(nb):
-                out[r, j] += _int_tail(a, i0 + r, planes, j, p0, bits)
+                out[r, j] += _int_tail(a, at[k0 + r], planes, j, p0, bits)
 
 
 @njit(**_SJIT)
-def _float_block(a, i0, q, n, half, out):
-    """out[r, j] = <float row a[i0 + r], q[j]> over the first n values, for r < out.shape[0]."""
+def _float_block(a, at, k0, q, n, half, out):
+    """out[r, j] = <float row a[at[k0 + r]], q[j]> over the first n values, for r < out.shape[0]."""
     nq = q.shape[0]
     if out.shape[0] == 4:
         j = 0
         while j + 4 <= nq:
-            t = _fdot44(a, i0, q, j, n, half)
+            t = _fdot44(a, (at[k0], at[k0 + 1], at[k0 + 2], at[k0 + 3]), q, j, n, half)
             for r in range(4):
                 for c in range(4):
                     out[r, j + c] = t[r * 4 + c]
             j += 4
         while j < nq:
-            t1 = _fdot41(a, i0, q, j, n, half)
+            t1 = _fdot41(a, (at[k0], at[k0 + 1], at[k0 + 2], at[k0 + 3]), q, j, n, half)
             for r in range(4):
                 out[r, j] = t1[r]
             j += 1
@@ -429,12 +430,12 @@ def _float_block(a, i0, q, n, half, out):
         for r in range(out.shape[0]):
             j = 0
             while j + 4 <= nq:
-                t4 = _fdot14(a, i0 + r, q, j, n, half)
+                t4 = _fdot14(a, (at[k0 + r],), q, j, n, half)
                 for c in range(4):
                     out[r, j + c] = t4[c]
                 j += 4
             while j < nq:
-                out[r, j] = _fdot11(a, i0 + r, q, j, n, half)[0]
+                out[r, j] = _fdot11(a, (at[k0 + r],), q, j, n, half)[0]
                 j += 1
 
 
@@ -444,23 +445,24 @@ def _float_block(a, i0, q, n, half, out):
 
 
 @njit(**_SPJIT)
-def _float_dot_kernel(a, q, n, half):
-    na = a.shape[0]
+def _float_dot_kernel(a, at, q, n, half):
+    """Rows a[at[k]], in place: at lists the rows to score (all of a, or a rerank's picks)."""
+    na = at.shape[0]
     out = np.empty((na, q.shape[0]), np.float32)
     for blk in prange((na + _RB - 1) // _RB):
-        i0 = blk * _RB
-        i1 = min(i0 + _RB, na)
-        _float_block(a, i0, q, n, half, out[i0:i1])
+        k0 = blk * _RB
+        k1 = min(k0 + _RB, na)
+        _float_block(a, at, k0, q, n, half, out[k0:k1])
     return out
 
 
 @njit(**_SJIT)
-def _float_dot_serial(a, q, n, half):
+def _float_dot_serial(a, at, q, n, half):
     """_float_dot_kernel on the calling thread alone (see single_threaded)."""
-    na = a.shape[0]
+    na = at.shape[0]
     out = np.empty((na, q.shape[0]), np.float32)
-    for i0 in range(0, na, _RB):
-        _float_block(a, i0, q, n, half, out[i0:min(i0 + _RB, na)])
+    for k0 in range(0, na, _RB):
+        _float_block(a, at, k0, q, n, half, out[k0:min(k0 + _RB, na)])
     return out
 
 
@@ -575,23 +577,24 @@ def _count_planes(vals: np.ndarray, starts: np.ndarray, counts: np.ndarray):
 
 
 @njit(**_PJIT)
-def _int_dot_kernel(a, planes, qcorr, bits):
-    na = a.shape[0]
+def _int_dot_kernel(a, at, planes, qcorr, bits):
+    """Rows a[at[k]], in place: at lists the rows to score (all of a, or a rerank's picks)."""
+    na = at.shape[0]
     out = np.empty((na, planes.shape[0]), np.int32)
     for blk in prange((na + _RB - 1) // _RB):
-        i0 = blk * _RB
-        i1 = min(i0 + _RB, na)
-        _int_block(a, i0, planes, qcorr, bits, out[i0:i1])
+        k0 = blk * _RB
+        k1 = min(k0 + _RB, na)
+        _int_block(a, at, k0, planes, qcorr, bits, out[k0:k1])
     return out
 
 
 @njit(**_JIT)
-def _int_dot_serial(a, planes, qcorr, bits):
+def _int_dot_serial(a, at, planes, qcorr, bits):
     """_int_dot_kernel on the calling thread alone (see single_threaded)."""
-    na = a.shape[0]
+    na = at.shape[0]
     out = np.empty((na, planes.shape[0]), np.int32)
-    for i0 in range(0, na, _RB):
-        _int_block(a, i0, planes, qcorr, bits, out[i0:min(i0 + _RB, na)])
+    for k0 in range(0, na, _RB):
+        _int_block(a, at, k0, planes, qcorr, bits, out[k0:min(k0 + _RB, na)])
     return out
 
 
@@ -601,11 +604,12 @@ def _int_means_kernel(a, row_norm, planes, qcorr, val_norm, sub, counts, bits):
     nb = planes.shape[0]
     ns = counts.shape[0]
     out = np.empty((na, ns), np.float32)
+    every = np.arange(na)
     for blk in prange((na + _RB - 1) // _RB):
         i0 = blk * _RB
         i1 = min(i0 + _RB, na)
         dots = np.empty((i1 - i0, nb), np.int32)
-        _int_block(a, i0, planes, qcorr, bits, dots)
+        _int_block(a, every, i0, planes, qcorr, bits, dots)
         for r in range(i1 - i0):
             acc = np.zeros(ns, np.float64)
             rn = np.float64(row_norm[i0 + r])
@@ -666,6 +670,17 @@ def _rows(x, name: str, dim: int, bits: int) -> np.ndarray:
     if not x.flags.c_contiguous:
         x = np.ascontiguousarray(x)
     return x
+
+
+def _positions(at, n: int) -> np.ndarray:
+    """int64 row positions to score: all n rows when at is None, else at, checked in 0..n-1."""
+    if at is None:
+        return np.arange(n, dtype=np.int64)
+    at = np.ascontiguousarray(at, dtype=np.int64)
+    if at.ndim != 1 or (len(at) and not (0 <= at.min() and at.max() < n)):
+        raise SchemaMismatchError(f"at: expected 1-D row positions in 0..{n - 1}, got {np.shape(at)}"
+                                  f" with values {at.min() if at.size else ''}..{at.max() if at.size else ''}")
+    return at
 
 
 def _words(x: np.ndarray) -> np.ndarray:
@@ -754,7 +769,7 @@ def int_dot(a, b, bits: int, dim: int) -> np.ndarray:
     b = _rows(b, "b", dim, bits)
     _check_pair(a, b)
     planes, qcorr = _query_planes(b, bits)
-    return _int_dot_kernel(a, planes, qcorr, bits)
+    return _int_dot_kernel(a, _positions(None, a.shape[0]), planes, qcorr, bits)
 
 
 def sign_subtask_weighted(rows, vals, weights, starts, dim: int) -> np.ndarray:
@@ -813,10 +828,11 @@ def int_subtask_means(rows, row_norm, vals, val_norm, starts, bits: int, dim: in
 _FLOAT_BLOCK = 1024  # packed rows unpacked to float32 at a time (32 MiB at d = 8192)
 
 
-def float_dot(rows, enc: Encoding | str, dim: int, queries) -> np.ndarray:
+def float_dot(rows, enc: Encoding | str, dim: int, queries, at=None) -> np.ndarray:
     """float32 (n, q): <levels(row_i), query_j> for rows of any encoding (no scale applied).
 
     ``queries`` is float (q, dim), or (dim,) for a single query (the result is then (n, 1)).
+    ``at`` (row positions) scores just rows[at], in that order, without copying them out.
     Float rows are read in place; packed rows are unpacked to float32 block by block. Each
     row's sum has one fixed order, so equal rows get equal results (see _make_fdot).
     """
@@ -833,9 +849,11 @@ def float_dot(rows, enc: Encoding | str, dim: int, queries) -> np.ndarray:
             f"rows: {rows.shape[1]} bytes per row, but {enc.name} at dim {dim} stores "
             f"{enc.row_bytes(dim)}")
     q = np.ascontiguousarray(q)
+    at = _positions(at, rows.shape[0])
     if enc.is_float:
         kernel = _float_dot_serial if _single() else _float_dot_kernel
-        return kernel(rows, q, int(dim), int(enc.kind == "f16"))
+        return kernel(rows, at, q, int(dim), int(enc.kind == "f16"))
+    rows = rows[at]
     n = rows.shape[0]
     out = np.empty((n, q.shape[0]), np.float32)
     buf = np.empty((min(n, _FLOAT_BLOCK), dim), np.float32)
@@ -846,7 +864,7 @@ def float_dot(rows, enc: Encoding | str, dim: int, queries) -> np.ndarray:
             _unpack_sign(blk, dim, buf[:m])
         else:
             _unpack_kbit(blk, enc.bits, dim, buf[:m])
-        out[i0:i0 + m] = _float_dot_kernel(buf[:m].view(np.uint8), q, int(dim), 0)
+        out[i0:i0 + m] = _float_dot_kernel(buf[:m].view(np.uint8), _positions(None, m), q, int(dim), 0)
     if enc.kind == "sign":  # <s, q> = 2 sum_{bit=1} q - sum q
         out *= 2.0
         out -= q.astype(np.float64).sum(axis=1).astype(np.float32)
@@ -893,14 +911,18 @@ class IntQueries:
         else:  # fields u = level + o: <l, Q> = <u, Q> - o sum Q
             self.qcorr = ((1 << (enc.bits - 1)) * limbs.sum(axis=1)).astype(np.int32)
 
-    def dot(self, rows) -> np.ndarray:
-        """float64 (n, q): <levels(row_i), query_j>, to the 15-bit rounding of the queries."""
+    def dot(self, rows, at=None) -> np.ndarray:
+        """float64 (n, q): <levels(row_i), query_j>, to the 15-bit rounding of the queries.
+
+        ``at`` (row positions) scores just rows[at], in that order, without copying them out.
+        """
         rows = _rows(rows, "rows", self.dim, self.enc.bits)
         if rows.shape[1] != self.planes.shape[2]:
             raise SchemaMismatchError(
                 f"rows: {rows.shape[1]} bytes per row, but {self.enc.name} at dim {self.dim} stores "
                 f"{self.planes.shape[2]}")
-        d = (_int_dot_serial if _single() else _int_dot_kernel)(rows, self.planes, self.qcorr, self.enc.bits)
+        kernel = _int_dot_serial if _single() else _int_dot_kernel
+        d = kernel(rows, _positions(at, rows.shape[0]), self.planes, self.qcorr, self.enc.bits)
         t = _LIMB * d[:, :self.nq].astype(np.int64) + d[:, self.nq:]
         if self.enc.kind == "sign":
             t = 2 * t - self.sums

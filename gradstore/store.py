@@ -862,12 +862,14 @@ class Store:
                 yield start, blocks, metas
 
     def scan_rows(self, set_name: str, checkpoints: Sequence[str], encoding: str,
-                  rows, snapshot=None) -> Iterator[tuple[np.ndarray, list[Block]]]:
-        """Yield (row numbers, [Block per checkpoint]) for the given rows only, block by block.
+                  rows, snapshot=None) -> Iterator[tuple[np.ndarray, np.ndarray, list[Block]]]:
+        """Yield (row numbers, their positions in the block, [Block per checkpoint]) for the
+        stored blocks that hold any of the given rows, in row order.
 
-        `rows` must be increasing and held by every checkpoint. Each Block holds just those
-        rows of one stored block, copied out (its `start` is the stored block's first row), so
-        only their pages are read. One read transaction spans the scan (or `snapshot`'s).
+        `rows` must be increasing and held by every checkpoint. Each Block is a whole stored
+        block, zero-copy as in `scan`: its rows `positions` are the ones asked for, and only
+        their pages are read when a kernel reads just those (kernels take them as `at`). One
+        read transaction spans the scan (or `snapshot`'s).
         """
         enc = parse_encoding(encoding)
         rows = np.asarray(rows, np.int64)
@@ -886,13 +888,9 @@ class Store:
             cuts = np.flatnonzero(np.diff(blocks_of)) + 1
             for picked in np.split(rows, cuts) if len(rows) else []:
                 b = int(picked[0] // br)
-                local = picked - b * br
-                blocks = []
-                for c, ci in zip(checkpoints, idx):
-                    blk = self._read_block(txn, rec, layout, set_name, enc, c, ci, b)
-                    blocks.append(Block(b * br, blk.payload[local], blk.scale[local], blk.norm[local],
-                                        None if blk.extra is None else blk.extra[local]))
-                yield picked, blocks
+                blocks = [self._read_block(txn, rec, layout, set_name, enc, c, ci, b)
+                          for c, ci in zip(checkpoints, idx)]
+                yield picked, picked - b * br, blocks
 
     def _read_block(self, txn, rec: dict, layout: dict, set_name: str, enc: Encoding,
                     checkpoint: str, ci: int, b: int, verify: bool = False) -> Block:

@@ -240,14 +240,17 @@ def test_scan_rows_reads_just_the_given_rows_block_by_block(tmp_store):
         br = tmp_store.set_info("train")["encodings"][enc]["block_rows"]
         steps = list(tmp_store.scan_rows("train", ["epoch-1", "epoch-2"], enc, rows))
         # one step per stored block that holds a wanted row, in row order
-        assert [int(p[0]) // br for p, _ in steps] == sorted({int(r) // br for r in rows})
-        np.testing.assert_array_equal(np.concatenate([p for p, _ in steps]), rows)
+        assert [int(p[0]) // br for p, _, _ in steps] == sorted({int(r) // br for r in rows})
+        np.testing.assert_array_equal(np.concatenate([p for p, _, _ in steps]), rows)
+        for picked, at, blocks in steps:
+            np.testing.assert_array_equal(at, picked - blocks[0].start)
         for c, full in enumerate(whole):
-            got = [b[c] for _, b in steps]
-            np.testing.assert_array_equal(np.concatenate([b.payload for b in got]), full.payload[rows])
-            np.testing.assert_array_equal(np.concatenate([b.norm for b in got]), full.norm[rows])
+            got = [(b[c], at) for _, at, b in steps]
+            np.testing.assert_array_equal(np.concatenate([b.payload[at] for b, at in got]), full.payload[rows])
+            np.testing.assert_array_equal(np.concatenate([b.norm[at] for b, at in got]), full.norm[rows])
             if full.extra is not None:
-                np.testing.assert_array_equal(np.concatenate([b.extra for b in got]), full.extra[rows])
+                np.testing.assert_array_equal(np.concatenate([b.extra[at] for b, at in got]),
+                                              full.extra[rows])
     assert list(tmp_store.scan_rows("train", ["epoch-1"], "sign1", [])) == []
     with pytest.raises(ValueError, match="rows must be a 1-D array of increasing row numbers"):
         list(tmp_store.scan_rows("train", ["epoch-1"], "sign1", [3, 3]))

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import kernels
 from ..encodings import Encoding, parse_encoding
-from ..quant import QuantizedRows, quantize, unpack_levels
+from ..quant import quantize, unpack_levels
 from .planner import Plan, Stage
 
 _AGG = {"max": np.max, "mean": np.mean}
@@ -161,8 +161,9 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros(num.shape, np.float64), where=den > 0)
 
 
-def _subtask_cos(stage: Stage, enc: Encoding, side: _Side, blk, dim: int) -> np.ndarray:
-    """(rows, subtasks): mean over each subtask's task rows of cos(train row, task row).
+def _subtask_cos(stage: Stage, enc: Encoding, side: _Side, blk, at, dim: int) -> np.ndarray:
+    """(rows, subtasks): mean over each subtask's task rows of cos(train row, task row), for the
+    block's rows `at` (positions; None: all of them).
 
     Plain: <L, q_s> / |L| with q_s the subtask's collapsed unit task vectors (XOR-popcount for
     sign1 in symmetric mode). Centered (G = c + a R, R = L/|L|, exact a = |G - c| and |G|):
@@ -170,17 +171,19 @@ def _subtask_cos(stage: Stage, enc: Encoding, side: _Side, blk, dim: int) -> np.
     direction in the first term, the second mean as in the plain case (on the cosine's scale,
     see _SIGN_GAIN).
     """
+    norm = blk.norm if at is None else blk.norm[at]
     if side.counts is not None:
-        t = side.counts.means(blk.payload).astype(np.float64)
+        t = side.counts.means(blk.payload if at is None else blk.payload[at]).astype(np.float64)
     elif side.ints is not None:
-        t = _safe_div(side.ints.dot(blk.payload), blk.norm)
+        t = _safe_div(side.ints.dot(blk.payload, at), norm)
     else:
-        t = _safe_div(kernels.float_dot(blk.payload, enc, dim, side.queries), blk.norm)
+        t = _safe_div(kernels.float_dot(blk.payload, enc, dim, side.queries, at), norm)
     if not enc.centered:
         return t
     if enc.kind == "sign":
         t *= _SIGN_GAIN[stage.mode]
-    a, full = (blk.extra[:, i].astype(np.float64) for i in range(2))
+    extra = blk.extra if at is None else blk.extra[at]
+    a, full = (extra[:, i].astype(np.float64) for i in range(2))
     return _safe_div(side.center[None, :] + a[:, None] * t, full)
 
 
@@ -194,40 +197,42 @@ class _Scorer:
         self.sides = [[_task_side(store, plan, stage, i, c) for c in plan.checkpoints]
                       for i in range(len(plan.tasks))]
 
-    def __call__(self, blocks) -> np.ndarray:
+    def __call__(self, blocks, at=None) -> np.ndarray:
+        """Scores of the blocks' rows `at` (positions; None: all), one block per checkpoint."""
         plan = self.plan
-        n = len(blocks[0].norm)
+        n = len(blocks[0].norm) if at is None else len(at)
         per_task = []
         for t, sides in zip(plan.tasks, self.sides):
             acc = np.zeros((n, len(t.subtasks)), np.float64)
             for w, side, blk in zip(plan.weights, sides, blocks):
-                acc += w * _subtask_cos(self.stage, self.enc, side, blk, self.dim)
+                acc += w * _subtask_cos(self.stage, self.enc, side, blk, at, self.dim)
             per_task.append(_AGG[plan.query.agg](acc, axis=1))
         return _COMBINE[plan.query.combine](np.stack(per_task), axis=0).astype(np.float32)
 
 
-def _scored(score: _Scorer, steps: Iterable[tuple]) -> Iterator[tuple[tuple, np.ndarray]]:
-    """(step, scores of its blocks step[1]) in order, blocks spread over numba's thread count.
+def _scored(score: _Scorer, jobs: Iterable[tuple]) -> Iterator[tuple[tuple, np.ndarray]]:
+    """(step, score(blocks, at)) for each job (step, blocks, at), in order, spread over
+    numba's thread count.
 
     Each worker scores whole blocks on its own thread (kernels.single_threaded), so no block
     waits at a parallel barrier; at most two blocks per worker are in flight. They are views
-    into the map, scored after `steps` yields them, even after it ends: `steps` must read
+    into the map, scored after `jobs` yields them, even after it ends: `jobs` must read
     from a snapshot the caller holds until this generator is done.
     """
     threads = numba.get_num_threads()
     if threads == 1:
-        for step in steps:
-            yield step, score(step[1])
+        for step, blocks, at in jobs:
+            yield step, score(blocks, at)
         return
 
-    def work(blocks):
+    def work(blocks, at):
         with kernels.single_threaded():
-            return score(blocks)
+            return score(blocks, at)
 
     with ThreadPoolExecutor(threads) as pool:
         pending: deque = deque()
-        for step in steps:
-            pending.append((step, pool.submit(work, step[1])))
+        for step, blocks, at in jobs:
+            pending.append((step, pool.submit(work, blocks, at)))
             if len(pending) > 2 * threads:
                 step0, fut = pending.popleft()
                 yield step0, fut.result()
@@ -257,7 +262,8 @@ def _first_stage(store, plan: Plan, score: _Scorer, snap) -> tuple[np.ndarray, n
     all_scores = []
     steps = store.scan(plan.set_name, plan.checkpoints, score.stage.encoding,
                        with_rows=where is not None, limit=plan.n_rows, snapshot=snap)
-    with contextlib.closing(_scored(score, steps)) as scored:  # waits for its pool on errors
+    jobs = ((step, step[1], None) for step in steps)
+    with contextlib.closing(_scored(score, jobs)) as scored:  # waits for its pool on errors
         for (start, _, metas), scores in scored:
             n = len(scores)
             rows = np.arange(start, start + n, dtype=np.int64)
@@ -276,36 +282,13 @@ def _first_stage(store, plan: Plan, score: _Scorer, snap) -> tuple[np.ndarray, n
     return np.empty(0, np.float32), np.empty(0, np.int64)
 
 
-# Shortlisted rows scored per kernel call in a rerank: a stored block holds only a fraction of
-# them (20-30% at a 4-6x shortlist of 5%), so rows of consecutive blocks are joined first.
-_RERANK_BATCH_ROWS = 4096
-
-
 def _rerank(store, plan: Plan, score: _Scorer, rows: np.ndarray, snap) -> tuple[np.ndarray, np.ndarray]:
-    """The final stage over the shortlist's rows only, read in row order block by block."""
-    stage = score.stage
-    top = _TopK(stage.keep)
-    steps = store.scan_rows(plan.set_name, plan.checkpoints, stage.encoding, rows, snapshot=snap)
-    for picked, blocks in _joined(steps, _RERANK_BATCH_ROWS):
-        top.push(score(blocks), picked)  # one parallel kernel call per checkpoint and batch
+    """The final stage over the shortlist's rows only: each stored block that holds some is
+    scored in place at their positions (no copies), in row order, spread over the pool."""
+    top = _TopK(score.stage.keep)
+    steps = store.scan_rows(plan.set_name, plan.checkpoints, score.stage.encoding, rows, snapshot=snap)
+    jobs = ((picked, blocks, at) for picked, at, blocks in steps)
+    with contextlib.closing(_scored(score, jobs)) as scored:
+        for picked, scores in scored:
+            top.push(scores, picked)
     return top.best()
-
-
-def _joined(steps: Iterable[tuple], min_rows: int) -> Iterator[tuple[np.ndarray, list]]:
-    """Consecutive (rows, [rows per checkpoint]) steps joined into batches of >= min_rows rows."""
-    pending: list[tuple] = []
-    n = 0
-    for step in steps:
-        pending.append(step)
-        n += len(step[0])
-        if n >= min_rows:
-            yield _join(pending)
-            pending, n = [], 0
-    if pending:
-        yield _join(pending)
-
-
-def _join(steps: list[tuple]) -> tuple[np.ndarray, list]:
-    rows = np.concatenate([picked for picked, _ in steps])
-    per_ckpt = zip(*(blocks for _, blocks in steps))
-    return rows, [QuantizedRows.concat(list(parts)) for parts in per_ckpt]
