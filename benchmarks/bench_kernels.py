@@ -105,13 +105,14 @@ def build_sign_store(path, rows: np.ndarray, dim: int):
     """A store holding `rows` (packed sign1) as set "train", copied as stored (no requantizing)."""
     import gradstore
     from gradstore.quant import QuantizedRows
+    from gradstore.staging import Staging
 
     store = gradstore.create(path, dim=dim)
     store.add_checkpoint("e1", lr=1.0)
     for lo in range(0, len(rows), 65536):
         part = rows[lo:lo + 65536]
         n = len(part)
-        store.write_quantized("train", "e1", {"sign1": QuantizedRows(
+        Staging(store).write_quantized("train", "e1", {"sign1": QuantizedRows(
             part, np.ones(n, np.float32), np.full(n, np.sqrt(dim), np.float32))},
             [f"r{i}" for i in range(lo, lo + n)])
     return store

@@ -22,7 +22,9 @@ from .errors import (
 
 __version__ = "0.1.0"
 
-from .store import Block, Store, compact, create, open  # noqa: E402,A004  (gradstore.open is the API)
+from .env import compact  # noqa: E402
+from .format import Block  # noqa: E402
+from .store import Store, create, open  # noqa: E402,A004  (gradstore.open is the API)
 
 __all__ = [
     "Block",

@@ -18,6 +18,7 @@ from typing import Callable
 
 import gradstore
 from gradstore.encodings import DEFAULT_ENCODINGS
+from gradstore.format import DATA_FILE
 from gradstore.ops import compare
 
 from .checkpoint import Checkpoint
@@ -66,7 +67,7 @@ def run_demo(store_path: str | Path = "gradstore-demo", settings: DemoSettings =
              echo: Callable[[str], None] = print, progress: bool = True) -> list[TaskReport]:
     """Run the whole pipeline; leaves the store at `store_path` (warmup checkpoints beside it)."""
     store_path = Path(store_path)
-    if (store_path / "data.mdb").exists():
+    if (store_path / DATA_FILE).exists():
         raise gradstore.StoreExistsError(f"{store_path}: a store is already there; remove it or pick another path")
     started = time.perf_counter()
     s = settings

@@ -26,6 +26,7 @@ import numpy as np
 import gradstore
 from gradstore.encodings import DEFAULT_ENCODINGS
 from gradstore.errors import SchemaMismatchError
+from gradstore.format import DATA_FILE
 
 from .checkpoint import Checkpoint, read_checkpoints
 from .data import DEFAULT_CHAT_FORMAT, DEFAULT_MAX_LENGTH
@@ -78,7 +79,7 @@ def shard_slice(items: Sequence, shard: tuple[int, int]) -> Sequence:
 
 def open_or_create(store_path, dim: int, projection: dict, model: dict, lora: dict) -> gradstore.Store:
     """The store at `store_path`, created if absent; refuses a different projection/model/LoRA."""
-    if not Path(store_path, "data.mdb").exists():
+    if not Path(store_path, DATA_FILE).exists():
         return gradstore.create(store_path, dim=dim, projection=projection, model=model, lora=lora)
     store = gradstore.open(store_path, readonly=False)
     for key, want in (("dim", dim), ("projection", projection), ("model", model), ("lora", lora)):

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 from gradstore_cli.main import cli
 
 import gradstore
-from gradstore.store import _block_key
+from gradstore.format import block_key
+from gradstore.staging import Staging
 
 PROJ = {"kind": "sparse-rademacher", "seed": 0}
 
@@ -122,13 +123,15 @@ def test_check_and_fix(merged):
     with gradstore.open(merged, readonly=False) as st:
         set_id = st.set_info("train")["id"]
 
-        def corrupt(txn):
-            key = _block_key(set_id, 0, "sign1", 0)
-            value = bytearray(txn.get(key, db=st._dbs["blocks"]))
-            value[20] ^= 1
-            txn.put(key, bytes(value), db=st._dbs["blocks"])
+        staging = Staging(st, write=True)
 
-        st._write_txn(corrupt)
+        def corrupt(txn):
+            key = block_key(set_id, 0, "sign1", 0)
+            value = bytearray(txn.get(key, db=staging.dbs["blocks"]))
+            value[20] ^= 1
+            txn.put(key, bytes(value), db=staging.dbs["blocks"])
+
+        staging.write(corrupt)
     result = run("check", "--store", merged, "-s")
     assert result.exit_code == 1
     assert result.stdout == "set 'train' checkpoint 'e1' encoding sign1 block 0: block checksum mismatch\n"

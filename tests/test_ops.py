@@ -18,7 +18,8 @@ from gradstore.errors import (
     SchemaMismatchError,
     StoreExistsError,
 )
-from gradstore.store import _block_key, _chunk_key, decode_rows, encode_rows
+from gradstore.format import block_key, chunk_key, decode_rows, encode_rows
+from gradstore.staging import Staging
 
 DIM = 70  # not a multiple of 8: rows carry padding
 PROJ = {"kind": "sparse-rademacher", "seed": 0}
@@ -120,8 +121,8 @@ def test_merge_killed_midway_leaves_no_output(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    real = gradstore.Store.write_quantized
-    monkeypatch.setattr(gradstore.Store, "write_quantized", boom)
+    real = Staging.write_quantized
+    monkeypatch.setattr(Staging, "write_quantized", boom)
     with pytest.raises(KeyboardInterrupt):
         ops.merge([a, b], tmp_path / "m", batch_rows=2)
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]
@@ -219,18 +220,18 @@ def test_requantize_replace_and_killed_run(tmp_path, monkeypatch):
     path = make(tmp_path / "s", encodings=("f32", "absmax8"))
     with gradstore.open(path, readonly=False) as st:
         before = st.read("train", "e1", "absmax8")
-        real = gradstore.Store.commit_encodings
+        real = Staging.commit_encodings
 
         def killed(self, *args, **kwargs):
             raise KeyboardInterrupt  # dies after staging every block, before the flip
 
-        monkeypatch.setattr(gradstore.Store, "commit_encodings", killed)
+        monkeypatch.setattr(Staging, "commit_encodings", killed)
         with pytest.raises(KeyboardInterrupt):
             ops.requantize(st, "train", to=["absmax8-global", "absmax8"], replace=True)
         assert sorted(st.set_info("train")["encodings"]) == ["absmax8", "f32"]  # as it was
         np.testing.assert_array_equal(st.read("train", "e1", "absmax8").payload, before.payload)
         assert not ops.check(st).ok  # the staged blocks are orphans
-        monkeypatch.setattr(gradstore.Store, "commit_encodings", real)
+        monkeypatch.setattr(Staging, "commit_encodings", real)
         done = ops.requantize(st, "train", to=["absmax8-global", "absmax8"], replace=True)
         assert [d["replaced"] for d in done] == [False, True]
         assert st.set_info("train")["encodings"]["absmax8"]["key"].startswith("~")
@@ -282,8 +283,8 @@ def _block_value(path, set_name, ckpt, enc, block):
     with gradstore.open(path) as st:
         rec = st.set_info(set_name)
         with st.env.begin() as txn:
-            return txn.get(_block_key(rec["id"], st.checkpoint_names().index(ckpt), enc, block),
-                           db=st._dbs["blocks"])
+            return txn.get(block_key(rec["id"], st.checkpoint_names().index(ckpt), enc, block),
+                           db=Staging(st).dbs["blocks"])
 
 
 def _raw_env(path, fn):
@@ -336,10 +337,10 @@ def test_check_truncated_and_missing_blocks_and_repeated_ids(tmp_path):
         rec = st.set_info("train")
 
     def mayhem(txn, blocks, rows_db):
-        key = _block_key(rec["id"], 1, "f32", 5)
+        key = block_key(rec["id"], 1, "f32", 5)
         txn.put(key, txn.get(key, db=blocks)[:-7], db=blocks)  # a truncated block value
-        txn.delete(_block_key(rec["id"], 0, "absmax8", 9), db=blocks)
-        chunk = _chunk_key(rec["id"], 0)
+        txn.delete(block_key(rec["id"], 0, "absmax8", 9), db=blocks)
+        chunk = chunk_key(rec["id"], 0)
         records = decode_rows(txn.get(chunk, db=rows_db))
         records[17]["id"] = records[3]["id"]  # metadata that contradicts itself
         txn.put(chunk, encode_rows(records), db=rows_db)

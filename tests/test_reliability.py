@@ -27,6 +27,7 @@ import pytest
 import gradstore
 from gradstore import InvalidVectorError, StoreNotFoundError, ops, quant
 from gradstore.errors import GradstoreError
+from gradstore.staging import Staging
 
 WRITER = Path(__file__).with_name("crash_writer.py")
 SEED = 7
@@ -235,7 +236,7 @@ def test_merge_killed_midway_leaves_sources_byte_identical_and_no_output(tmp_pat
 
 def snapshot(st) -> dict:
     """Everything a reader can see of the store's records and rows."""
-    out = {"sets": st.set_records(), "ckpts": st.checkpoints(), "rows": st.rows("train")}
+    out = {"sets": Staging(st).set_records(), "ckpts": st.checkpoints(), "rows": st.rows("train")}
     for c in st.checkpoint_names():
         for enc in st.set_info("train")["encodings"]:
             r = st.read("train", c, enc)
@@ -410,14 +411,14 @@ def test_nan_and_inf_rows_are_refused_and_nothing_is_written(tmp_path):
     x = cw.vectors(SEED, 10)
     with gradstore.open(path, readonly=False) as st:
         st.write("train", "e1", x[:4], cw.row_ids(0, 4))
-        before = digest(path), st.set_records()
+        before = digest(path), Staging(st).set_records()
         for bad, row in ((np.nan, 3), (np.inf, 0), (-np.inf, 5)):
             y = x[4:].copy()
             y[row, 7] = bad
             with pytest.raises(InvalidVectorError, match=rf"row {row} \(id 'z{4 + row}'\) holds NaN or inf;"
                                                          " nothing written"):
                 st.write("train", "e1", y, cw.row_ids(4, 10))
-            assert (digest(path), st.set_records()) == before
+            assert (digest(path), Staging(st).set_records()) == before
         assert ops.check(st).ok and st.n_rows("train") == 4
 
 
@@ -533,13 +534,13 @@ def test_a_full_disk_keeps_earlier_batches_and_says_what_to_do(tmp_path, exc, at
     with gradstore.open(path, readonly=False, map_size=cw.TINY_MAP) as st:
         for lo in range(0, 30, 10):  # the map grows across these writes
             st.write("train", "e1", x[lo:lo + 10], cw.row_ids(lo, lo + 10), encodings=cw.ENCODINGS)
-        real = st._env
-        st._env = FullDisk(real, exc, at_put)
+        real = st._environment._env
+        st._environment._env = FullDisk(real, exc, at_put)
         try:
             with pytest.raises(GradstoreError) as err:
                 st.write("train", "e1", x[30:], cw.row_ids(30, 40), encodings=cw.ENCODINGS)
         finally:
-            st._env = real
+            st._environment._env = real
         msg = str(err.value)
         assert isinstance(err.value, OSError) and "\n" not in msg
         assert "disk full" in msg and "free space and re-run" in msg and "every earlier batch" in msg, msg

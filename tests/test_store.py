@@ -16,6 +16,7 @@ from gradstore import (
     UnknownNameError,
 )
 from gradstore import quant
+from gradstore.staging import Staging
 
 DIM = 70  # not a multiple of 64 or 8
 
@@ -138,11 +139,9 @@ def test_open_errors(tmp_path, tmp_store):
 def test_newer_format_is_refused(tmp_path):
     store = gradstore.create(tmp_path / "s", dim=4)
     store.meta["format_version"] = 99
-
-    def bump(txn):
-        txn.put(b"meta", __import__("json").dumps(store.meta).encode(), db=store._dbs["meta"])
-
-    store._write_txn(bump)
+    staging = Staging(store, write=True)
+    staging.write(lambda txn: txn.put(b"meta", __import__("json").dumps(store.meta).encode(),
+                                      db=staging.dbs["meta"]))
     store.close()
     with pytest.raises(FormatVersionError, match="format version 99 is newer"):
         gradstore.open(tmp_path / "s")
@@ -207,8 +206,8 @@ def test_a_calibration_centroid_is_used_when_given(tmp_store):
     tmp_store.write("t", "epoch-1", x, list("abcd"), encodings=["absmax4-centered"], centroid=calibration)
     np.testing.assert_array_equal(tmp_store.centroid("t", "epoch-1"), calibration)
     with pytest.raises(SchemaMismatchError, match="cannot be copied between stores"):
-        tmp_store.write_quantized("u", "epoch-1", {"absmax4-centered": tmp_store.read("t", "epoch-1", "absmax4-centered")},
-                                  list("abcd"))
+        Staging(tmp_store).write_quantized(
+            "u", "epoch-1", {"absmax4-centered": tmp_store.read("t", "epoch-1", "absmax4-centered")}, list("abcd"))
 
 
 def test_older_format_is_refused_by_version_before_anything_else(tmp_path):
