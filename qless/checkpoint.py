@@ -30,6 +30,10 @@ INFO_FILE = "qless_checkpoint.json"
 FORMAT = "qless-warmup-checkpoint-v1"
 TRAINER_STATE = "trainer_state.json"
 ADAPTER_FILE = "adapter_model.safetensors"
+# AdamW's settings in warmup, recorded in INFO_FILE's run; ingest's Adam directions use a
+# checkpoint's recorded ones, these for another trainer's checkpoint (LESS's are the same).
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
 
 
 class CheckpointInfoError(ValueError):
@@ -42,13 +46,22 @@ class CheckpointInfoMissing(CheckpointInfoError, FileNotFoundError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A LoRA checkpoint folder and the learning rate that weights it."""
+    """A LoRA checkpoint folder, the learning rate that weights it, and its Adam settings."""
 
     name: str
     path: str
     lr: float
     step: int | None = None
     epoch: int | None = None
+    betas: tuple[float, float] = ADAM_BETAS
+    eps: float = ADAM_EPS
+
+    @classmethod
+    def from_info(cls, info: dict, path: str) -> Checkpoint:
+        """The checkpoint an INFO_FILE record (`read_checkpoint_info`, or warmup's) describes."""
+        run = info.get("run", {})
+        return cls(info["name"], path, float(info["lr"]), info["step"], info["epoch"],
+                   tuple(run.get("betas", ADAM_BETAS)), float(run.get("eps", ADAM_EPS)))
 
 
 def read_checkpoint_info(directory: str | os.PathLike) -> dict:
@@ -124,9 +137,7 @@ def read_checkpoints(paths: Sequence[str], lrs: Sequence[float] | None = None) -
         if lrs is not None:
             out.append(Checkpoint(p.name, str(p.resolve()), float(lrs[i])))
         elif (p / INFO_FILE).is_file():
-            info = read_checkpoint_info(p)
-            out.append(Checkpoint(info["name"], str(p.resolve()), float(info["lr"]), info["step"],
-                                  info["epoch"]))
+            out.append(Checkpoint.from_info(read_checkpoint_info(p), str(p.resolve())))
         elif (p / TRAINER_STATE).is_file():
             out.append(trainer_state_checkpoint(p))
         else:

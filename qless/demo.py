@@ -80,8 +80,8 @@ def run_demo(store_path: str | Path = "gradstore-demo", settings: DemoSettings =
     model = attach_lora(load_model(s.model), r=s.lora_r, alpha=s.lora_alpha, dropout=0.1, seed=s.seed)
     infos = warmup(model, sample_fraction(pool, s.warmup_fraction, s.seed), f"{store_path}-warmup",
                    epochs=s.epochs, lr=s.lr, grad_accum=s.grad_accum, seed=s.seed, progress=progress)
-    checkpoints = [Checkpoint(i["name"], str(Path(f"{store_path}-warmup", i["name"]).resolve()), i["lr"],
-                              i["step"], i["epoch"]) for i in infos]
+    checkpoints = [Checkpoint.from_info(i, str(Path(f"{store_path}-warmup", i["name"]).resolve()))
+                   for i in infos]
     del model
 
     echo(f"[3/4] ingest: gradients of {len(pool)} rows and {sum(map(len, tasks.values()))} task rows"

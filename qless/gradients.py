@@ -5,8 +5,9 @@ model's trainable-parameter order (the order `optimizer_state.load_optimizer_sta
 - mode "sgd" (target-task examples): the gradient g of the mean cross-entropy over the
   response tokens (labels != -100), as `model(**batch).loss` computes it at batch size 1;
 - mode "adam" (training examples): LESS's Adam update direction, exactly as its
-  `obtain_gradients_with_adam`: m' = 0.9 m + 0.1 g, v' = 0.999 v + 0.001 g^2,
-  direction = m' / sqrt(v' + 1e-8) (eps inside the sqrt, no bias correction).
+  `obtain_gradients_with_adam`: m' = b1 m + (1 - b1) g, v' = b2 v + (1 - b2) g^2,
+  direction = m' / sqrt(v' + eps) (eps inside the sqrt, no bias correction), with the
+  checkpoint's AdamW betas and eps (0.9, 0.999, 1e-8 by default, as LESS).
 
 Two paths to the same vectors:
 - `batched(examples)` (the default, what ingest runs): examples sorted by length and padded
@@ -43,13 +44,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import ADAM_BETAS, ADAM_EPS
+from .data import IGNORE_INDEX
 from .model import disable_cpu_repacking
 from .optimizer_state import flatten_state, trainable_parameters
 
-BETA1 = 0.9
-BETA2 = 0.999
-EPS = 1e-8
-IGNORE = -100
 # bergson's default; 1-2k tokens per batch was fastest on a 2-core CPU (benchmarks/bench_ingest.py).
 DEFAULT_TOKEN_BUDGET = 2048
 DEFAULT_GRADIENT_BYTES = 512 << 20
@@ -57,14 +56,15 @@ DEFAULT_GRADIENT_BYTES = 512 << 20
 
 def response_tokens(example) -> int:
     """How many positions predict a label (the label at position 0 predicts nothing)."""
-    return sum(1 for y in example.labels[1:] if y != IGNORE)
+    return sum(1 for y in example.labels[1:] if y != IGNORE_INDEX)
 
 
 class GradientComputer:
     """Flat per-example LoRA gradients (mode "sgd") or Adam directions (mode "adam")."""
 
     def __init__(self, model, optimizer_state: Any = None, mode: str = "adam",
-                 token_budget: int = DEFAULT_TOKEN_BUDGET, gradient_bytes: int = DEFAULT_GRADIENT_BYTES):
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, gradient_bytes: int = DEFAULT_GRADIENT_BYTES,
+                 betas: tuple[float, float] = ADAM_BETAS, eps: float = ADAM_EPS):
         if mode not in ("adam", "sgd"):
             raise ValueError(f"mode must be 'adam' or 'sgd', got {mode!r}")
         if token_budget < 1:
@@ -85,6 +85,7 @@ class GradientComputer:
         # factored projection could replace) and in the model's forward and backward.
         self.seconds = {"model": 0.0, "per_example": 0.0}
         self.m = self.v = None
+        self.betas, self.eps = betas, eps  # the checkpoint's (Checkpoint.betas, .eps)
         if mode == "adam":
             if optimizer_state is None:
                 raise ValueError("mode 'adam' needs the checkpoint's optimizer state")
@@ -110,8 +111,9 @@ class GradientComputer:
         """g itself (sgd), or the Adam direction of g (rows or one vector), in place of g."""
         if self.mode == "sgd":
             return g
-        v = (g * g).mul_(1 - BETA2).add_(self.v, alpha=BETA2)
-        return g.mul_(1 - BETA1).add_(self.m, alpha=BETA1).div_(v.add_(EPS).sqrt_())
+        beta1, beta2 = self.betas
+        v = (g * g).mul_(1 - beta2).add_(self.v, alpha=beta2)
+        return g.mul_(1 - beta1).add_(self.m, alpha=beta1).div_(v.add_(self.eps).sqrt_())
 
     # -- the default path: length-bucketed padded batches, per-example gradients from hooks --
 
@@ -149,7 +151,7 @@ class GradientComputer:
         forward and backward, on the model's device."""
         n, length = len(examples), max(len(ex.input_ids) for ex in examples)
         ids = torch.zeros(n, length, dtype=torch.long)
-        target = torch.full((n, length), IGNORE, dtype=torch.long)  # target[b, t] = labels[b][t + 1]
+        target = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)  # target[b, t] = labels[b][t + 1]
         weight = torch.zeros(n, length)
         for b, ex in enumerate(examples):
             if len(ex.input_ids) != len(ex.labels):
@@ -158,11 +160,11 @@ class GradientComputer:
             k = len(ex.input_ids)
             ids[b, :k] = torch.as_tensor(ex.input_ids)
             target[b, :k - 1] = torch.as_tensor(ex.labels[1:])
-            count = int((target[b] != IGNORE).sum())
+            count = int((target[b] != IGNORE_INDEX).sum())
             if count == 0:
                 raise ValueError("batch_tensor: an example has no response tokens (use batches())")
-            weight[b][target[b] != IGNORE] = 1.0 / count
-        keep = (target != IGNORE).to(self.device)
+            weight[b][target[b] != IGNORE_INDEX] = 1.0 / count
+        keep = (target != IGNORE_INDEX).to(self.device)
         target, weight = target.to(self.device)[keep], weight.to(self.device)[keep]
 
         modules = self._lora_linears()
@@ -228,7 +230,7 @@ class GradientComputer:
             raise ValueError(f"input_ids and labels must be equal-length lists, got "
                              f"{len(input_ids)} and {len(labels)}")
         target = lab[1:]  # position t predicts token t+1
-        keep = torch.nonzero(target != IGNORE).flatten()
+        keep = torch.nonzero(target != IGNORE_INDEX).flatten()
         if keep.numel() == 0:
             return None
         out = self.model(input_ids=ids[None], logits_to_keep=keep, use_cache=False)

@@ -121,7 +121,7 @@ def ingest(store_path, examples: Sequence, set_name: str, checkpoints: Sequence[
                 model = reload_adapter(model, ckpt.path)
             state = load_optimizer_state(ckpt.path, model) if kind == "train" else None
             computer = GradientComputer(model, state, mode="adam" if kind == "train" else "sgd",
-                                        token_budget=token_budget)
+                                        token_budget=token_budget, betas=ckpt.betas, eps=ckpt.eps)
             spec = {"kind": projection, "seed": seed, "dim": dim, "input_dim": computer.dim}
             if store is None:
                 store = open_or_create(store_path, dim, make_projection(spec).spec(),

@@ -56,6 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from qless.checkpoint import (
+    ADAM_BETAS,
+    ADAM_EPS,
     FORMAT,
     INFO_FILE,
     CheckpointInfoError,
@@ -74,8 +76,6 @@ log = logging.getLogger(__name__)
 
 SCHEDULERS = ("linear", "cosine", "constant")
 # HF Trainer (TrainingArguments) defaults, which LESS's runs used.
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
 _NAME = re.compile(r"^epoch-(\d+)$")
 _TMP_PREFIX = ".epoch-"
 _TMP_MARK = ".tmp-"

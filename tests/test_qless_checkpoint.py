@@ -6,7 +6,7 @@ import logging
 import pytest
 from test_qless_warmup import QUICK, make_examples, tiny_lora
 
-from qless.checkpoint import Checkpoint, CheckpointInfoError, read_checkpoints
+from qless.checkpoint import ADAM_BETAS, ADAM_EPS, INFO_FILE, Checkpoint, CheckpointInfoError, read_checkpoints
 from qless.warmup import warmup
 
 
@@ -32,6 +32,20 @@ def test_a_trainer_checkpoint_takes_the_mean_lr_logged_in_its_epoch(tmp_path, ca
     assert caplog.messages == [(f"{folder}: lr {want:.4g}, the mean of the 423 learning rates"
                                " trainer_state.json logged in epoch 2")]
     assert read_checkpoints([str(folder)], lrs=[1e-5])[0].lr == 1e-5  # an explicit lr wins
+
+
+def test_a_checkpoints_adam_settings_come_from_its_record(tmp_path):
+    folder = tmp_path / "epoch-1"
+    folder.mkdir()
+    info = {"format": "qless-warmup-checkpoint-v1", "name": "epoch-1", "epoch": 1, "step": 3, "lr": 1e-5,
+            "optimizer": "adamw", "run": {"betas": [0.8, 0.99], "eps": 1e-6}}
+    (folder / INFO_FILE).write_text(json.dumps(info))
+    (ckpt,) = read_checkpoints([str(folder)])
+    assert (ckpt.betas, ckpt.eps) == ((0.8, 0.99), 1e-6)
+    del info["run"]  # a record without them: warmup's defaults, which are LESS's
+    (folder / INFO_FILE).write_text(json.dumps(info))
+    assert read_checkpoints([str(folder)])[0].betas == ADAM_BETAS == (0.9, 0.999)
+    assert read_checkpoints([str(folder)])[0].eps == ADAM_EPS == 1e-8
 
 
 def test_a_trainer_checkpoint_without_logged_lrs_is_refused(tmp_path):

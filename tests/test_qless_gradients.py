@@ -90,6 +90,10 @@ def test_adam_direction_is_less_formula(model):
     # a tuple of flat moments works the same
     gc2 = GradientComputer(model, optimizer_state=(m, v), mode="adam")
     np.testing.assert_array_equal(gc2.gradient(ex), gc.gradient(ex))
+    # a checkpoint's own betas and eps (Checkpoint.betas, .eps) are the ones used
+    gc3 = GradientComputer(model, optimizer_state=(m, v), mode="adam", betas=(0.5, 0.9), eps=1e-6)
+    m3, v3 = 0.5 * m.numpy() + 0.5 * g, 0.9 * v.numpy() + 0.1 * g * g
+    np.testing.assert_allclose(gc3.gradient(ex), m3 / np.sqrt(v3 + 1e-6), rtol=2e-3, atol=1e-4)
 
 
 def test_no_response_tokens_returns_none_and_counts(model):
