@@ -257,8 +257,13 @@ def attach_lora(
     )
     if seed is not None:
         torch.manual_seed(seed)
+    return _as_peft(model, lambda: get_peft_model(model, config))
+
+
+def _as_peft(model, wrap):
+    """wrap() -> the peft model around `model`, keeping its identity, in eval mode."""
     identity = getattr(model, "_qless_identity", None)
-    peft_model = get_peft_model(model, config)
+    peft_model = wrap()
     disable_cpu_repacking(peft_model)
     if identity is not None:
         peft_model._qless_identity = identity
@@ -273,13 +278,7 @@ def load_adapter(model, checkpoint_dir: str | os.PathLike):
     path = Path(checkpoint_dir)
     if not (path / "adapter_config.json").is_file():
         raise ModelLoadError(f"{path}: no adapter_config.json (not a LoRA checkpoint folder)")
-    identity = getattr(model, "_qless_identity", None)
-    peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
-    disable_cpu_repacking(peft_model)
-    if identity is not None:
-        peft_model._qless_identity = identity
-    peft_model.eval()
-    return peft_model
+    return _as_peft(model, lambda: PeftModel.from_pretrained(model, str(path), is_trainable=True))
 
 
 def reload_adapter(model, checkpoint_dir: str | os.PathLike):
