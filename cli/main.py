@@ -7,6 +7,7 @@ library errors become `Error: ...` with exit status 1, usage errors exit 2.
 from __future__ import annotations
 
 import functools
+import os
 
 import click
 
@@ -75,31 +76,39 @@ def cli() -> None:
 @click.option("--where", type=CONDITION, help="Filter on row metadata, e.g. \"source = 'dolly'\".")
 @click.option("--explain", is_flag=True, help="Print the plan; do not scan.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the selected source records here (JSONL).")
-@store_option()
+@click.option("--ray/--local", "use_ray", default=False,
+              help="With a shard manifest: scan each shard on a Ray actor, or on threads here (default).")
+@store_option(manifest=True)
 @output_options
 @silent_option
 @handle_errors
 def query(query_text, tasks, k, set_name, encoding, mode, rerank, oversample, agg, combine, checkpoints,
-          weight, where, explain, out, store_path, fmt, silent):
+          weight, where, explain, out, use_ray, store_path, fmt, silent):
     """Select the training rows that help a task most.
 
     Either flags (compiled to the query language) or one QUERY string; see docs/query.md.
+    `--store` may name a shard manifest: the shards are queried in place, as one merged store.
 
     Example:
 
         gradstore query --task mmlu --k 5%
 
         gradstore query "TOP 1000 FROM train BY mmlu, bbh WHERE source = 'dolly'" --table
+
+        gradstore query --store shards.json --task mmlu --k 5% --ray --out selected.jsonl
     """
     if oversample is not None and not rerank:
         raise click.UsageError("--oversample sizes the shortlist of --rerank; give --rerank too")
+    sharded = os.path.isfile(store_path)
+    if use_ray and not sharded:
+        raise click.UsageError("--ray runs the shards of a manifest; --store names a store directory")
     flags = dict(set_name=set_name, encoding=encoding, mode=mode, agg=agg, combine=combine,
                  checkpoints=checkpoints, weight=weight, where=where, rerank=rerank, oversample=oversample)
     if query_text and (tasks or any(flags.values())):
         raise click.UsageError("give either a QUERY string or --task and other flags, not both")
     if not query_text and not tasks:
         raise click.UsageError("give a QUERY string or at least one --task")
-    with gradstore.open(store_path) as store:
+    with gradstore.open_sharded(store_path, ray=use_ray) if sharded else gradstore.open(store_path) as store:
         text = query_text or compose(store, tasks, k, **flags)
         if explain and not text.lstrip().upper().startswith("EXPLAIN"):
             text = "EXPLAIN " + text

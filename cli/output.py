@@ -10,11 +10,13 @@ import sys
 import click
 
 
-def store_option():
-    """--store PATH, from $GRADSTORE_PATH, else ./gradstore."""
+def store_option(manifest: bool = False):
+    """--store PATH, from $GRADSTORE_PATH, else ./gradstore; `manifest`: or a shard manifest file."""
     return click.option(
         "--store", "store_path", envvar="GRADSTORE_PATH", default="./gradstore", show_default=True,
-        type=click.Path(file_okay=False), help="Store directory (env: GRADSTORE_PATH).",
+        type=click.Path(file_okay=manifest),
+        help="Store directory, or a shard manifest (JSON) (env: GRADSTORE_PATH)." if manifest
+        else "Store directory (env: GRADSTORE_PATH).",
     )
 
 

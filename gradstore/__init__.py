@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 from .env import compact  # noqa: E402
 from .format import Block  # noqa: E402
 from .store import Store, create, open  # noqa: E402,A004  (gradstore.open is the API)
+from .sharded import ShardedStore, open_sharded  # noqa: E402
 
 __all__ = [
     "Block",
@@ -32,6 +33,8 @@ __all__ = [
     "compact",
     "create",
     "open",
+    "open_sharded",
+    "ShardedStore",
     "Encoding",
     "parse_encoding",
     "CorruptStoreError",

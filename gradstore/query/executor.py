@@ -242,16 +242,30 @@ def _scored(score: _Scorer, jobs: Iterable[tuple]) -> Iterator[tuple[tuple, np.n
 
 
 def execute(store, plan: Plan) -> Result:
-    scorers = [_Scorer(store, plan, stage) for stage in plan.stages]
     # One snapshot spans both stages and outlives the first stage's scan: its last blocks are
     # still scored on the pool after the scan's generator ends, and the rerank must read the
     # rows the shortlist saw. Nothing else may touch the store inside it (see Store.snapshot).
     with store.snapshot() as snap:
-        scores, rows = _first_stage(store, plan, scorers[0], snap)
+        scores, rows = run_stage(store, plan, 0, snap)
         if len(plan.stages) > 1:
-            scores, rows = _rerank(store, plan, scorers[1], np.sort(rows), snap)
+            scores, rows = run_stage(store, plan, 1, snap, np.sort(rows))
     records = store.rows_at(plan.set_name, rows)
     return Result([r["id"] for r in records], scores, rows, plan, records)
+
+
+def run_stage(store, plan: Plan, index: int, snap, rows: np.ndarray | None = None,
+              tasks=None) -> tuple[np.ndarray, np.ndarray]:
+    """Stage `index` of the plan over this store's rows, read under `snap`: (scores, rows).
+
+    Stage 0 scans every row (WHERE applies) and keeps its `keep` best, best first, or every
+    score in row order; a later stage reads only `rows` (increasing: the shortlist) and keeps
+    its best. The task side is read from `tasks` (default: the store itself); a shard of a
+    sharded store passes the whole store's task rows there (gradstore.sharded).
+    """
+    score = _Scorer(store if tasks is None else tasks, plan, plan.stages[index])
+    if index == 0:
+        return _first_stage(store, plan, score, snap)
+    return _rerank(store, plan, score, rows, snap)
 
 
 def _first_stage(store, plan: Plan, score: _Scorer, snap) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,447 @@
+"""A sharded store: shard stores listed in a manifest, queried in place.
+
+`open_sharded(manifest)` opens every shard read-only and checks them as `merge` would (same dim,
+projection, model, LoRA config, one lr per checkpoint, the same encodings; the same messages),
+plus what querying in place needs: every shard holds the same checkpoints and no id is in two
+shards. It then answers queries as the store `merge` would build from the shards in manifest
+order: a set's rows are the shards' rows one after the other, so row numbers, ids, scores and
+ties (the lower row wins: shard order, then row) are the merged store's.
+
+A query is planned once, on the whole (TOP p% counts the rows of every shard, a WHERE-filtered
+percentage the rows that pass in every shard), then fanned out: each shard runs a stage over its
+own rows under one snapshot and returns its best (row numbers and scores, never vectors), and
+the driver keeps the best of those. A two-stage plan takes two rounds, so that the rerank sees
+the merged store's shortlist: every shard returns its first-stage best `keep`, the driver keeps
+the global shortlist, and each shard reranks only its rows of it. `SCORE` returns every shard's
+scores in row order.
+
+Shards run on a thread pool in this process (the default), or on Ray actors (`ray=True`;
+`pip install 'gradstore[ray]'`), one per shard, placed on the node its manifest entry names
+(else on the driver's node), each keeping its shard's LMDB environment open between queries.
+The driver opens every shard too (to check and plan), so it must see their paths.
+
+Centered encodings are scored per shard against that shard's centroid (each shard froze its
+own, which is why `merge` cannot combine their rows); with a shared centroid the scores equal
+one store's.
+
+Manifest (JSON; relative paths are relative to the manifest's folder):
+
+    {"shards": [{"path": "shard-0", "node": "10.0.0.5"}, {"path": "shard-1"}]}
+
+`node` (optional): a Ray node id or node IP address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import quant
+from .errors import DuplicateIdError, GradstoreError, SchemaMismatchError, UnknownNameError
+from .ops.merge import _merge_plan
+from .query import run
+from .query.executor import Result, _TopK, run_stage
+from .query.planner import Plan
+from .store import open as open_store
+
+MANIFEST_FIELDS = {"path", "node"}
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str  # absolute
+    node: str | None = None  # Ray node id or IP address
+
+
+class ManifestError(GradstoreError, ValueError):
+    "A shard manifest that is not valid JSON or not the expected layout."
+
+
+def read_manifest(path) -> list[Shard]:
+    """The shards a manifest lists, paths made absolute; one-line errors naming the file and field."""
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no such manifest") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: not JSON ({exc})") from None
+    shards = doc.get("shards") if isinstance(doc, dict) else None
+    if not isinstance(shards, list) or not shards:
+        raise ManifestError(f"{path}: expected an object whose \"shards\" is a non-empty list")
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    for i, entry in enumerate(shards):
+        where = f"{path}: shards[{i}]"
+        if not isinstance(entry, dict):
+            raise ManifestError(f"{where}: expected an object with \"path\" (and optional \"node\")")
+        unknown = sorted(set(entry) - MANIFEST_FIELDS)
+        if unknown:
+            raise ManifestError(f"{where}: unknown field {unknown[0]!r} (fields: node, path)")
+        shard_path, node = entry.get("path"), entry.get("node")
+        if not isinstance(shard_path, str) or not shard_path:
+            raise ManifestError(f"{where}.path: expected the shard store's path as a string")
+        if node is not None and (not isinstance(node, str) or not node):
+            raise ManifestError(f"{where}.node: expected a Ray node id or IP address as a string")
+        out.append(Shard(os.path.realpath(os.path.join(base, shard_path)), node))
+    seen = {}
+    for i, s in enumerate(out):
+        if s.path in seen:
+            raise ManifestError(f"{path}: shards[{i}].path: the same store as shards[{seen[s.path]}]")
+        seen[s.path] = i
+    return out
+
+
+def write_manifest(path, shards: list[Shard]) -> None:
+    """Write a manifest listing `shards` (paths relative to its folder when inside it)."""
+    base = os.path.dirname(os.path.abspath(path))
+    entries = []
+    for s in shards:
+        rel = os.path.relpath(s.path, base)
+        entry = {"path": rel if not rel.startswith("..") else s.path}
+        if s.node:
+            entry["node"] = s.node
+        entries.append(entry)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"shards": entries}, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def open_sharded(manifest, ray: bool = False) -> ShardedStore:
+    """Open the shard stores a manifest lists as one read-only store (see the module docstring).
+
+    `ray`: run each shard's scans on a Ray actor (starts a local Ray instance unless one is
+    running or RAY_ADDRESS names a cluster); default: a thread pool in this process.
+    """
+    return ShardedStore(manifest, read_manifest(manifest), ray)
+
+
+class ShardedStore:
+    """Shard stores read as the one store merging them in manifest order would be.
+
+    Offers what the planner and readers use: `sets`, `set_info`, `checkpoints`, `n_rows`,
+    `rows`, `iter_rows`, `ids`, `rows_at`, `read`, `vectors`, `query`.
+    """
+
+    def __init__(self, manifest, shards: list[Shard], ray: bool = False):
+        self.path = os.fspath(manifest)
+        self.shards = shards
+        self.stores = []
+        try:
+            for s in shards:
+                self.stores.append(open_store(s.path))
+            self._plan = _merge_plan(self.stores)
+            self._check_shardable()
+            self.meta = self.stores[0].meta
+            self._workers = _RayWorkers(shards) if ray else _LocalWorkers(shards)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_shardable(self) -> None:
+        """Beyond merge's checks: the same checkpoints everywhere, and no id in two shards."""
+        first = self.stores[0]
+        for st in self.stores[1:]:
+            if st.checkpoint_names() != first.checkpoint_names():
+                raise SchemaMismatchError(
+                    f"cannot shard: checkpoints differ: {first.path} has"
+                    f" {', '.join(first.checkpoint_names()) or 'none'}, {st.path} has"
+                    f" {', '.join(st.checkpoint_names()) or 'none'}")
+        for name, p in self._plan["sets"].items():
+            owner: dict[str, str] = {}
+            for path, ids in p.get("src_ids", {}).items():
+                for row_id in ids:
+                    if row_id in owner:
+                        raise DuplicateIdError(f"cannot shard: id {row_id!r} of set {name!r} is in"
+                                               f" both {owner[row_id]} and {path}")
+                    owner[row_id] = path
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def close(self) -> None:
+        workers = getattr(self, "_workers", None)
+        if workers is not None:
+            workers.close()
+            self._workers = None
+        for st in self.stores:
+            st.close()
+        self.stores = []
+
+    def __enter__(self) -> ShardedStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<gradstore.ShardedStore {self.path!r} {len(self.shards)} shards>"
+
+    # ---- the merged store's records ------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.meta["dim"]
+
+    def checkpoints(self) -> list[dict]:
+        return list(self._plan["ckpt_records"])
+
+    def checkpoint_names(self) -> list[str]:
+        return list(self._plan["checkpoints"])
+
+    def sets(self) -> list[str]:
+        return list(self._plan["sets"])
+
+    def _set(self, set_name: str) -> dict:
+        p = self._plan["sets"].get(set_name)
+        if p is None:
+            raise UnknownNameError(f"unknown set {set_name!r}; the sharded store has:"
+                                   f" {', '.join(self._plan['sets']) or '(none)'}")
+        return p
+
+    def set_info(self, set_name: str) -> dict:
+        """The merged set's record: kind, n_rows, written per checkpoint, encodings, subtasks."""
+        p = self._set(set_name)
+        if "info" not in p:
+            layouts = {}
+            for st in self.stores:
+                if set_name in st.sets():
+                    layouts.update(st.set_info(set_name)["encodings"])
+            subtasks = (r["subtask"] for r in p["ids"].values() if r["subtask"] is not None)
+            p["info"] = {"kind": p["kind"], "n_rows": len(p["ids"]),
+                         "written": {c: sum(w for _, w in parts) for c, parts in p["parts"].items()},
+                         "encodings": {e: layouts[e] for e in p["encodings"] + p["global"]},
+                         "subtasks": list(dict.fromkeys(subtasks))}
+        return p["info"]
+
+    def n_rows(self, set_name: str, checkpoints=None) -> int:
+        written = self.set_info(set_name)["written"]
+        names = checkpoints if checkpoints is not None else list(written)
+        return min((written.get(c, 0) for c in names), default=0)
+
+    def rows(self, set_name: str) -> list[dict]:
+        return list(self._set(set_name)["ids"].values())
+
+    def iter_rows(self, set_name: str):
+        yield from self._set(set_name)["ids"].values()
+
+    def ids(self, set_name: str) -> list[str]:
+        return list(self._set(set_name)["ids"])
+
+    def _spans(self, set_name: str) -> list[tuple[int, int, int]]:
+        """(shard index, first merged row, rows) of each shard holding the set, in order."""
+        p, spans, start = self._set(set_name), [], 0
+        for i, st in enumerate(self.stores):
+            n = len(p.get("src_ids", {}).get(st.path, ()))
+            if n:
+                spans.append((i, start, n))
+                start += n
+        return spans
+
+    def rows_at(self, set_name: str, rows) -> list[dict]:
+        """Row metadata for merged row numbers, in the order given."""
+        spans = self._spans(set_name)
+        starts = np.array([s for _, s, _ in spans], np.int64)
+        rows = np.asarray(rows, np.int64)
+        which = np.searchsorted(starts, rows, side="right") - 1
+        out: list[dict | None] = [None] * len(rows)
+        for j, (i, start, _) in enumerate(spans):
+            picked = np.flatnonzero(which == j)
+            if len(picked):
+                for at, rec in zip(picked, self.stores[i].rows_at(set_name, rows[picked] - start)):
+                    out[at] = rec
+        return out
+
+    def read(self, set_name: str, checkpoint: str, encoding: str) -> quant.QuantizedRows:
+        """The stored rows of one (set, checkpoint, encoding), the shards' one after another."""
+        parts = [self.stores[i].read(set_name, checkpoint, encoding) for i, _, _ in self._spans(set_name)]
+        return quant.QuantizedRows.concat(parts)
+
+    def vectors(self, set_name: str, checkpoint: str, encoding: str = "f16") -> np.ndarray:
+        """Dequantized float32 vectors (centered rows with their own shard's centroid)."""
+        return np.concatenate([self.stores[i].vectors(set_name, checkpoint, encoding)
+                               for i, _, _ in self._spans(set_name)])
+
+    # ---- queries -------------------------------------------------------------------------
+    def query(self, text: str):
+        """Run a query (docs/query.md) over every shard: as the merged store would answer it."""
+        return run(self, text, _execute)
+
+
+def _execute(sharded: ShardedStore, plan: Plan) -> Result:
+    """Fan the plan out to the shards, a round per stage, and keep the best of their answers."""
+    spans = [s for s in sharded._spans(plan.set_name)
+             if sharded.stores[s[0]].n_rows(plan.set_name, plan.checkpoints)]
+    tasks = {(t.name, c, stage.task_encodings[i]): sharded.read(t.name, c, stage.task_encodings[i])
+             for stage in plan.stages for i, t in enumerate(plan.tasks) for c in plan.checkpoints}
+    workers, shards = sharded._workers, [i for i, _, _ in spans]
+    qid = uuid.uuid4().hex
+    try:
+        answers = workers.call("first", shards, (qid, plan, tasks))
+        scores, rows = _best([(s, r + start) for (s, r), (_, start, _) in zip(answers, spans)],
+                             plan.stages[0].keep)
+        if len(plan.stages) > 1:
+            rows = np.sort(rows)
+            mine = [rows[(rows >= start) & (rows < start + n)] - start for _, start, n in spans]
+            answers = workers.call("rerank", shards, (qid, plan, tasks), mine)
+            scores, rows = _best([(s, r + start) for (s, r), (_, start, _) in zip(answers, spans)],
+                                 plan.k)
+    finally:
+        workers.call("finish", shards, (qid,), quiet=True)
+    records = sharded.rows_at(plan.set_name, rows)
+    return Result([r["id"] for r in records], scores, rows, plan, records)
+
+
+def _best(parts: list[tuple[np.ndarray, np.ndarray]], keep: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The shards' answers (merged row numbers, in shard order) as one store's: its `keep` best
+    (ties to the lower row), or, for SCORE, every score in row order."""
+    if keep is None:
+        if not parts:
+            return np.empty(0, np.float32), np.empty(0, np.int64)
+        return np.concatenate([s for s, _ in parts]), np.concatenate([r for _, r in parts])
+    top = _TopK(keep)
+    for s, r in parts:
+        top.push(s, r)
+    return top.best()
+
+
+class _TaskRows:
+    """What a shard's scorer reads to prepare the task side: the sharded store's task rows
+    (shipped with the query), and the shard's own centroids for centered train rows."""
+
+    def __init__(self, store, rows: dict):
+        self.store, self.rows = store, rows
+
+    @property
+    def dim(self) -> int:
+        return self.store.dim
+
+    def read(self, set_name: str, checkpoint: str, encoding: str) -> quant.QuantizedRows:
+        return self.rows[set_name, checkpoint, encoding]
+
+    def vectors(self, set_name: str, checkpoint: str, encoding: str) -> np.ndarray:
+        rows = self.rows[set_name, checkpoint, encoding]  # task rows are never centered
+        return quant.dequantize(rows.payload, rows.scale, encoding, self.dim)
+
+    def centroid(self, set_name: str, checkpoint: str):
+        return self.store.centroid(set_name, checkpoint)
+
+
+class ShardWorker:
+    """One shard's side of a query: runs a plan's stages over its rows under one snapshot
+    held from the first round to `finish`. A Ray actor, or an object on the local pool."""
+
+    def __init__(self, path: str):
+        self.store = open_store(path)
+        self._queries: dict[str, tuple[contextlib.ExitStack, object]] = {}
+
+    def first(self, qid: str, plan: Plan, tasks: dict):
+        stack = contextlib.ExitStack()
+        snap = stack.enter_context(self.store.snapshot())
+        self._queries[qid] = (stack, snap)
+        return run_stage(self.store, plan, 0, snap, tasks=_TaskRows(self.store, tasks))
+
+    def rerank(self, qid: str, plan: Plan, tasks: dict, rows: np.ndarray):
+        if qid not in self._queries:
+            raise GradstoreError(f"{self.store.path}: this shard's worker restarted during the query"
+                                 " (its first round is lost); run the query again")
+        return run_stage(self.store, plan, 1, self._queries[qid][1], rows,
+                         tasks=_TaskRows(self.store, tasks))
+
+    def finish(self, qid: str) -> None:
+        held = self._queries.pop(qid, None)
+        if held is not None:
+            held[0].close()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class _LocalWorkers:
+    """The shards' workers on a thread pool in this process."""
+
+    def __init__(self, shards: list[Shard]):
+        self.workers = [ShardWorker(s.path) for s in shards]
+        self.pool = ThreadPoolExecutor(len(shards), thread_name_prefix="gradstore-shard")
+
+    def call(self, method: str, shards: list[int], common: tuple, each: list | None = None,
+             quiet: bool = False) -> list:
+        """worker.method(*common[, each[j]]) on shards[j], all at once; their answers in order."""
+        futures = [self.pool.submit(getattr(self.workers[i], method), *common,
+                                    *(() if each is None else (each[j],)))
+                   for j, i in enumerate(shards)]
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        for w in self.workers:
+            for qid in list(w._queries):
+                w.finish(qid)
+            w.store.close()
+
+
+class _RayWorkers:
+    """One Ray actor per shard, on the node its manifest entry names (else the driver's)."""
+
+    # A worker that dies is restarted (its shard reopened); a call it was running is retried
+    # there, so a lost first round is redone, and a lost rerank fails with a clear error.
+    MAX_RESTARTS = 3
+
+    def __init__(self, shards: list[Shard]):
+        try:
+            import ray
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        except ModuleNotFoundError:
+            raise GradstoreError("ray is not installed; running shards on Ray needs"
+                                 " pip install 'gradstore[ray]'") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                     log_to_driver=False)
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        nodes = {key: n["NodeID"] for n in alive for key in (n["NodeID"], n["NodeManagerAddress"])}
+        here = ray.get_runtime_context().get_node_id()
+        actor = ray.remote(ShardWorker)
+        self.shards = shards
+        self.actors = []
+        for i, s in enumerate(shards):
+            if s.node is not None and s.node not in nodes:
+                raise GradstoreError(f"shards[{i}].node {s.node!r}: no alive Ray node has that id or"
+                                     f" address ({', '.join(n['NodeManagerAddress'] for n in alive)})")
+            node = nodes[s.node] if s.node is not None else here
+            self.actors.append(actor.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+                max_restarts=self.MAX_RESTARTS, max_task_retries=1).remote(s.path))
+
+    def call(self, method: str, shards: list[int], common: tuple, each: list | None = None,
+             quiet: bool = False) -> list:
+        """As _LocalWorkers.call; `common` is put in the object store once for every shard.
+        `quiet`: a worker's failure is not raised (its answer is left out)."""
+        ray = self.ray
+        common = [ray.put(a) for a in common]
+        refs = [getattr(self.actors[i], method).remote(*common, *(() if each is None else (each[j],)))
+                for j, i in enumerate(shards)]
+        out = []
+        for i, ref in zip(shards, refs):
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayTaskError as exc:
+                if not quiet:
+                    raise exc.cause from None
+            except ray.exceptions.RayActorError as exc:
+                if not quiet:
+                    raise GradstoreError(
+                        f"{self.shards[i].path}: its Ray worker died during the query and the"
+                        f" query was not answered; run it again ({type(exc).__name__})") from None
+        return out
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        self.actors = []
