@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "gguf", "safetensors", "matplotlib")
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "gguf", "safetensors", "matplotlib", "ray")
 
 QUERY = """
 import importlib.util, sys
