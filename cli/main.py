@@ -15,6 +15,7 @@ import gradstore
 from gradstore.encodings import DEFAULT_ENCODINGS
 from gradstore.query import compose
 from gradstore.query.planner import Plan
+from gradstore.sharded import MANIFEST, read_manifest
 from qless.data import (  # torch-free: the engine install has it
     DEFAULT_CHAT_FORMAT,
     DEFAULT_MAX_LENGTH,
@@ -236,11 +237,15 @@ def warmup(data, out_dir, percentage, epochs, lr, lora_r, lora_alpha, lora_dropo
 @click.option("--token-budget", default=2048, show_default=True, type=click.IntRange(min=1),
               help="Padded tokens per forward/backward (examples are batched by length; raise it on a GPU).")
 @click.option("--shard", type=SHARD, help="i/n: ingest the i-th of n contiguous shards (default: from torchrun/accelerate).")
+@click.option("--ray", "ray_workers", type=click.IntRange(min=1), metavar="N",
+              help="Spread the rows over N Ray workers, each writing its own shard store under --store"
+                   " (a folder), then --store/manifest.json for `query --store`.")
 @store_option()
 @silent_option
 @handle_errors
 def ingest(data, set_name, task, data_dir, checkpoints, lrs, model, dtype, quant, encodings, dim, projection,
-           seed, max_length, chat_format, skip_invalid, batch_size, token_budget, shard, store_path, silent):
+           seed, max_length, chat_format, skip_invalid, batch_size, token_budget, shard, ray_workers,
+           store_path, silent):
     """Compute projected LoRA gradients and write them to the store (resumable).
 
     Training pools get LESS's Adam directions; tasks get plain gradients.
@@ -250,20 +255,26 @@ def ingest(data, set_name, task, data_dir, checkpoints, lrs, model, dtype, quant
         gradstore ingest --data pool.jsonl --set train --checkpoint warmup/epoch-1 --checkpoint warmup/epoch-2
 
         gradstore ingest --task mmlu --data-dir ../shared/data --checkpoint warmup/epoch-1
+
+        gradstore ingest --data pool.jsonl --checkpoint warmup/epoch-1 --ray 4 --store pool-shards
     """
+    if shard and ray_workers:
+        raise click.UsageError("--ray N shards the rows itself; give --shard or --ray, not both")
     with requires("qless"):
         from qless.ingest import ingest_files, parse_shard
 
+    sharding = {"ray_workers": ray_workers} if ray_workers else {"shard": shard or parse_shard(None)}
     read_report, report = ingest_files(
         store_path, checkpoints, model, data=data, set_name=set_name, task=task, data_dir=data_dir,
         lrs=lrs, max_length=max_length, chat_format=chat_format, skip_invalid=skip_invalid,
         encodings=encodings, dim=dim, projection=projection, seed=seed, dtype=dtype, quant=quant,
-        batch_size=batch_size, token_budget=token_budget, shard=shard or parse_shard(None),
-        progress=not silent)
+        batch_size=batch_size, token_budget=token_budget, progress=not silent, **sharding)
     if read_report is not None:
         note(read_report.summary(), silent)
     note(report.summary(), silent)
-    _compact(store_path, silent)
+    stores = [s.path for s in read_manifest(os.path.join(store_path, MANIFEST))] if ray_workers else [store_path]
+    for path in stores:
+        _compact(path, silent)
 
 
 def _compact(store_path, silent: bool) -> None:

@@ -51,6 +51,7 @@ from .query.planner import Plan
 from .store import open as open_store
 
 MANIFEST_FIELDS = {"path", "node"}
+MANIFEST = "manifest.json"  # what `ingest --ray` writes beside its shards
 
 
 @dataclass(frozen=True)

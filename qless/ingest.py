@@ -181,18 +181,27 @@ def _write(store, set_name, ckpt_name, kind, encodings, batch, vectors, report) 
 def ingest_files(store_path, checkpoint_dirs: Sequence[str], model_name: str, data: Sequence[str] = (),
                  set_name: str = "train", task: str | None = None, data_dir: str | None = None,
                  lrs: Sequence[float] | None = None, max_length: int = DEFAULT_MAX_LENGTH,
-                 skip_invalid: bool = False, chat_format: str = DEFAULT_CHAT_FORMAT, **options):
+                 skip_invalid: bool = False, chat_format: str = DEFAULT_CHAT_FORMAT,
+                 ray_workers: int = 0, **options):
     """Read a training pool (`data`) or a target task (`task`), then `ingest` it.
 
     A task is a built-in (mmlu, bbh, tydiqa from `data_dir`), a packaged demo task, or any name
     with `data` naming its JSONL file; its set is named after the task. Pools and tasks use the
-    same `chat_format` so their gradients are comparable. Returns the
-    data read report (None for tasks) and the ingest report.
+    same `chat_format` so their gradients are comparable. `ray_workers` > 0: spread it over that
+    many Ray workers, `store_path` a folder of shard stores and their manifest
+    (`qless.ray_ingest`). Returns the data read report (None for tasks) and the ingest report.
     """
     from .data import read_pool
     from .model import load_tokenizer
     from .tasks import load_task
 
+    run = ingest
+    if ray_workers:
+        from functools import partial
+
+        from .ray_ingest import ingest_on_ray
+
+        run = partial(ingest_on_ray, workers=ray_workers)
     checkpoints = read_checkpoints(checkpoint_dirs, lrs)
     tokenizer = load_tokenizer(model_name)
     if task is not None:
@@ -200,9 +209,9 @@ def ingest_files(store_path, checkpoint_dirs: Sequence[str], model_name: str, da
             raise ValueError(f"task {task!r}: give one --data file, not {len(data)}")
         examples = load_task(task, tokenizer, data_dir=data_dir, path=data[0] if data else None,
                              max_length=max_length, chat_format=chat_format)
-        return None, ingest(store_path, examples, task, checkpoints, model_name, kind="task", **options)
+        return None, run(store_path, examples, task, checkpoints, model_name, kind="task", **options)
     if not data:
         raise ValueError("give the training pool's JSONL files (--data) or a --task")
     examples, read_report = read_pool(data, tokenizer, max_length=max_length, skip_invalid=skip_invalid,
                                       chat_format=chat_format)
-    return read_report, ingest(store_path, examples, set_name, checkpoints, model_name, **options)
+    return read_report, run(store_path, examples, set_name, checkpoints, model_name, **options)

@@ -1,5 +1,7 @@
 """Ingest on a tiny random LLaMA: vectors equal the direct computation; resume; shards; refusals."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +162,33 @@ def test_reload_adapter_loads_weights_in_place_and_refuses_other_settings(tiny, 
     attach_lora(load_model(model_dir, dtype="fp32"), r=2, alpha=8).save_pretrained(tmp_path / "r2")
     with pytest.raises(ModelLoadError, match="LoRA r is 2, the loaded adapter's is 4"):
         reload_adapter(model, tmp_path / "r2")
+
+
+@pytest.mark.slow
+def test_ingest_on_two_ray_workers_equals_one_process_row_for_row(tiny, tmp_path):
+    """A real local Ray cluster: two workers, each with its own model, each its own shard."""
+    ray = pytest.importorskip("ray")
+    from qless.ray_ingest import ingest_on_ray
+
+    model_dir, ckpts = tiny
+    pool = examples(9)
+    args = dict(set_name="train", checkpoints=ckpts, model_name=str(model_dir), dim=64, dtype="fp32",
+                encodings=("f32", "sign1"), batch_size=3)
+    ingest(tmp_path / "one", pool, progress=False, **args)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        report = ingest_on_ray(tmp_path / "shards", pool, workers=2, **args)
+        assert report.written == 18 and report.already_stored == 0
+        again = ingest_on_ray(tmp_path / "shards", pool, workers=2, **args)  # resumes: nothing to do
+        assert again.written == 0 and again.already_stored == 18
+    finally:
+        ray.shutdown()
+    manifest = tmp_path / "shards" / "manifest.json"
+    assert [s["path"] for s in json.loads(manifest.read_text())["shards"]] == ["shard-0", "shard-1"]
+    with gradstore.open_sharded(manifest) as sharded, gradstore.open(tmp_path / "one") as one:
+        assert sharded.ids("train") == one.ids("train") == [e.id for e in pool]
+        assert sharded.rows("train") == one.rows("train")
+        assert [len(s.ids("train")) for s in sharded.stores] == [4, 5]  # shard_slice's split
+        for c in ckpts:
+            np.testing.assert_allclose(sharded.vectors("train", c.name, "f32"),
+                                       one.vectors("train", c.name, "f32"), rtol=1e-5, atol=1e-6)

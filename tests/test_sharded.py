@@ -224,6 +224,9 @@ def test_cli_queries_a_manifest_as_the_merged_store(plain, tmp_path):
         assert written == "".join(POOL[json.loads(line)["row"]] for line in got.stdout.splitlines())
     bad = run(cli, ["query", "--store", str(whole), "--task", "mmlu", "--ray"])
     assert bad.exit_code == 2 and "--ray runs the shards of a manifest" in bad.output
+    both = run(cli, ["ingest", "--data", str(tmp_path / "b.jsonl"), "--checkpoint", str(tmp_path),
+                     "--shard", "0/2", "--ray", "2"])
+    assert both.exit_code == 2 and "give --shard or --ray, not both" in both.output
     broken = _manifest(tmp_path, "[1,", "broken.json")
     result = run(cli, ["query", "--store", str(broken), "--task", "mmlu"])
     assert result.exit_code == 1 and result.output.startswith(f"Error: {broken}: not JSON")
