@@ -358,8 +358,10 @@ class BuildReport:
 
 def build_stores(targets: list[tuple[str, tuple[str, ...]]], shape: Shape, with_task: bool = True,
                  with_metadata: bool = True, n_rows: int | None = None,
-                 progress: bool = True, task_encodings_extra: tuple[str, ...] = ()) -> BuildReport:
-    """Create each (path, encodings) store and stream the same synthetic rows into all of them.
+                 progress: bool = True, task_encodings_extra: tuple[str, ...] = (),
+                 first_row: int = 0) -> BuildReport:
+    """Create each (path, encodings) store and stream the same synthetic rows into all of them:
+    `n_rows` (default all) from `first_row` on (a shard of the pool; rows depend on their number only).
 
     Checkpoint by checkpoint (as the real ingest), `shape.batch` rows per write transaction.
     Each vector batch is generated once and written to every target. The task set gets
@@ -391,8 +393,8 @@ def build_stores(targets: list[tuple[str, tuple[str, ...]]], shape: Shape, with_
     n_batches = (n + shape.batch - 1) // shape.batch
     for ci, ck in enumerate(shape.ckpts):
         for bi in range(n_batches):
-            row0 = bi * shape.batch
-            m = min(shape.batch, n - row0)
+            row0 = first_row + bi * shape.batch
+            m = min(shape.batch, first_row + n - row0)
             t = time.perf_counter()
             x = gen.train(ci, row0, m, buf)
             if with_metadata:
@@ -407,7 +409,7 @@ def build_stores(targets: list[tuple[str, tuple[str, ...]]], shape: Shape, with_
             if progress and (bi % 16 == 15 or bi == n_batches - 1):
                 el = time.perf_counter() - t_start
                 done = ci * n_batches + bi + 1
-                print(f"  build {ck}: {row0 + m:,}/{n:,} rows, {el:.0f} s elapsed, "
+                print(f"  build {ck}: {row0 + m - first_row:,}/{n:,} rows, {el:.0f} s elapsed, "
                       f"~{el / done * (len(shape.ckpts) * n_batches - done):.0f} s left", flush=True)
     for st, _ in stores:
         st.close()
