@@ -30,7 +30,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import LESS_LRS, STORES_DIR, Shape, build_stores, machine, print_machine, print_table, write_json
+from common import (
+    LESS_LRS,
+    STORES_DIR,
+    Shape,
+    build_stores,
+    machine,
+    print_machine,
+    print_table,
+    write_json,
+)
 
 import gradstore
 
@@ -67,14 +76,14 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     n = args.rows or (8_000 if args.quick else 40_000)
     shape = Shape(n_train=n, lrs=LESS_LRS[:args.ckpts])
-    counts = [int(s) for s in args.shards.split(",")]
+    counts = sorted({1, *(int(s) for s in args.shards.split(","))})  # 1 shard: the plain store too
     info = machine()
     print_machine(info)
     root = args.store_dir / f"sharded-{n}-{args.ckpts}"
     print(f"building {root} ...", flush=True)
     t0 = time.perf_counter()
     manifests = {s: build(root, shape, s, args.reuse) for s in counts}
-    plain_path = manifests[1].parent / "shard-0" if 1 in counts else build(root, shape, 1, args.reuse).parent / "shard-0"
+    plain_path = manifests[1].parent / "shard-0"
     results: dict = {"machine": info, "rows": n, "dim": shape.dim, "checkpoints": args.ckpts,
                      "encodings": ENCODINGS, "queries": QUERIES, "repeat": args.repeat,
                      "build_s": time.perf_counter() - t0}

@@ -37,7 +37,7 @@ import contextlib
 import json
 import os
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,6 +137,7 @@ class ShardedStore:
         self.path = os.fspath(manifest)
         self.shards = shards
         self.stores = []
+        self._infos: dict[str, dict] = {}
         try:
             for s in shards:
                 self.stores.append(open_store(s.path))
@@ -209,17 +210,18 @@ class ShardedStore:
     def set_info(self, set_name: str) -> dict:
         """The merged set's record: kind, n_rows, written per checkpoint, encodings, subtasks."""
         p = self._set(set_name)
-        if "info" not in p:
+        if set_name not in self._infos:
             layouts = {}
             for st in self.stores:
                 if set_name in st.sets():
                     layouts.update(st.set_info(set_name)["encodings"])
             subtasks = (r["subtask"] for r in p["ids"].values() if r["subtask"] is not None)
-            p["info"] = {"kind": p["kind"], "n_rows": len(p["ids"]),
-                         "written": {c: sum(w for _, w in parts) for c, parts in p["parts"].items()},
-                         "encodings": {e: layouts[e] for e in p["encodings"] + p["global"]},
-                         "subtasks": list(dict.fromkeys(subtasks))}
-        return p["info"]
+            self._infos[set_name] = {
+                "kind": p["kind"], "n_rows": len(p["ids"]),
+                "written": {c: sum(w for _, w in parts) for c, parts in p["parts"].items()},
+                "encodings": {e: layouts[e] for e in p["encodings"] + p["global"]},
+                "subtasks": list(dict.fromkeys(subtasks))}
+        return self._infos[set_name]
 
     def n_rows(self, set_name: str, checkpoints=None) -> int:
         written = self.set_info(set_name)["written"]
@@ -373,11 +375,13 @@ class _LocalWorkers:
 
     def call(self, method: str, shards: list[int], common: tuple, each: list | None = None,
              quiet: bool = False) -> list:
-        """worker.method(*common[, each[j]]) on shards[j], all at once; their answers in order."""
+        """worker.method(*common[, each[j]]) on shards[j], all at once; their answers in order.
+        `quiet`: a worker's failure is not raised (its answer is left out)."""
         futures = [self.pool.submit(getattr(self.workers[i], method), *common,
                                     *(() if each is None else (each[j],)))
                    for j, i in enumerate(shards)]
-        return [f.result() for f in futures]
+        wait(futures)  # all of them, even when one failed: `finish` must come after every `first`
+        return [f.result() for f in futures if not (quiet and f.exception())]
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -422,8 +426,7 @@ class _RayWorkers:
 
     def call(self, method: str, shards: list[int], common: tuple, each: list | None = None,
              quiet: bool = False) -> list:
-        """As _LocalWorkers.call; `common` is put in the object store once for every shard.
-        `quiet`: a worker's failure is not raised (its answer is left out)."""
+        """As _LocalWorkers.call; `common` is put in the object store once for every shard."""
         ray = self.ray
         common = [ray.put(a) for a in common]
         refs = [getattr(self.actors[i], method).remote(*common, *(() if each is None else (each[j],)))
