@@ -46,7 +46,7 @@ from . import quant
 from .errors import DuplicateIdError, GradstoreError, SchemaMismatchError, UnknownNameError
 from .ops.merge import _merge_plan
 from .query import run
-from .query.executor import Result, _TopK, run_stage
+from .query.executor import Result, _TopK, run_stage, stage_scorers
 from .query.planner import Plan
 from .store import open as open_store
 
@@ -292,7 +292,7 @@ def _execute(sharded: ShardedStore, plan: Plan) -> Result:
         if len(plan.stages) > 1:
             rows = np.sort(rows)
             mine = [rows[(rows >= start) & (rows < start + n)] - start for _, start, n in spans]
-            answers = workers.call("rerank", shards, (qid, plan, tasks), mine)
+            answers = workers.call("rerank", shards, (qid, plan), mine)
             scores, rows = _best([(s, r + start) for (s, r), (_, start, _) in zip(answers, spans)],
                                  plan.k)
     finally:
@@ -342,20 +342,22 @@ class ShardWorker:
 
     def __init__(self, path: str):
         self.store = open_store(path)
-        self._queries: dict[str, tuple[contextlib.ExitStack, object]] = {}
+        self._queries: dict[str, tuple[contextlib.ExitStack, object, list]] = {}
 
     def first(self, qid: str, plan: Plan, tasks: dict):
+        # every stage's task side before the snapshot (see executor.execute)
+        scorers = stage_scorers(_TaskRows(self.store, tasks), plan)
         stack = contextlib.ExitStack()
         snap = stack.enter_context(self.store.snapshot())
-        self._queries[qid] = (stack, snap)
-        return run_stage(self.store, plan, 0, snap, tasks=_TaskRows(self.store, tasks))
+        self._queries[qid] = (stack, snap, scorers)
+        return run_stage(self.store, plan, scorers[0], snap)
 
-    def rerank(self, qid: str, plan: Plan, tasks: dict, rows: np.ndarray):
+    def rerank(self, qid: str, plan: Plan, rows: np.ndarray):
         if qid not in self._queries:
             raise GradstoreError(f"{self.store.path}: this shard's worker restarted during the query"
                                  " (its first round is lost); run the query again")
-        return run_stage(self.store, plan, 1, self._queries[qid][1], rows,
-                         tasks=_TaskRows(self.store, tasks))
+        _, snap, scorers = self._queries[qid]
+        return run_stage(self.store, plan, scorers[1], snap, rows)
 
     def finish(self, qid: str) -> None:
         held = self._queries.pop(qid, None)

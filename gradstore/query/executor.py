@@ -242,28 +242,35 @@ def _scored(score: _Scorer, jobs: Iterable[tuple]) -> Iterator[tuple[tuple, np.n
 
 
 def execute(store, plan: Plan) -> Result:
+    # The task sides are read first: inside the snapshot no handle may adopt a map another
+    # process grew (see Store.snapshot), so nothing but its scans may touch the store there.
+    scorers = stage_scorers(store, plan)
     # One snapshot spans both stages and outlives the first stage's scan: its last blocks are
     # still scored on the pool after the scan's generator ends, and the rerank must read the
-    # rows the shortlist saw. Nothing else may touch the store inside it (see Store.snapshot).
+    # rows the shortlist saw.
     with store.snapshot() as snap:
-        scores, rows = run_stage(store, plan, 0, snap)
-        if len(plan.stages) > 1:
-            scores, rows = run_stage(store, plan, 1, snap, np.sort(rows))
+        scores, rows = run_stage(store, plan, scorers[0], snap)
+        if len(scorers) > 1:
+            scores, rows = run_stage(store, plan, scorers[1], snap, np.sort(rows))
     records = store.rows_at(plan.set_name, rows)
     return Result([r["id"] for r in records], scores, rows, plan, records)
 
 
-def run_stage(store, plan: Plan, index: int, snap, rows: np.ndarray | None = None,
-              tasks=None) -> tuple[np.ndarray, np.ndarray]:
-    """Stage `index` of the plan over this store's rows, read under `snap`: (scores, rows).
+def stage_scorers(tasks, plan: Plan) -> list[_Scorer]:
+    """One scorer per stage, its task side read from `tasks`: the store itself, or for a
+    shard of a sharded store the whole store's task rows (gradstore.sharded)."""
+    return [_Scorer(tasks, plan, stage) for stage in plan.stages]
 
-    Stage 0 scans every row (WHERE applies) and keeps its `keep` best, best first, or every
-    score in row order; a later stage reads only `rows` (increasing: the shortlist) and keeps
-    its best. The task side is read from `tasks` (default: the store itself); a shard of a
-    sharded store passes the whole store's task rows there (gradstore.sharded).
+
+def run_stage(store, plan: Plan, score: _Scorer, snap, rows: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """One stage of the plan over this store's rows, read under `snap`: (scores, rows).
+
+    The first stage scans every row (WHERE applies) and keeps its `keep` best, best first, or
+    every score in row order; a later stage reads only `rows` (increasing: the shortlist) and
+    keeps its best.
     """
-    score = _Scorer(store if tasks is None else tasks, plan, plan.stages[index])
-    if index == 0:
+    if score.stage is plan.stages[0]:
         return _first_stage(store, plan, score, snap)
     return _rerank(store, plan, score, rows, snap)
 
