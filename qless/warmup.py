@@ -49,6 +49,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -270,6 +271,98 @@ def _write_checkpoint(root: Path, name: str, model, optimizer, info: dict) -> Pa
     return final
 
 
+@dataclass(frozen=True)
+class _Schedule:
+    """How many optimizer steps a run takes and where its epochs end."""
+
+    batch_size: int  # examples per forward/backward pass
+    per_step: int  # examples per optimizer step (batch_size * grad_accum)
+    total_steps: int
+    n_epochs: int
+    n_warmup: int
+    last_epoch: int  # the last epoch this call trains (stop_after_epoch)
+
+    @classmethod
+    def of(cls, n: int, epochs: int, batch_size: int, grad_accum: int, max_steps: int | None,
+           warmup_ratio: float, stop_after_epoch: int | None) -> "_Schedule":
+        per_step = batch_size * grad_accum
+        steps_per_epoch = math.ceil(n / per_step)
+        if max_steps is not None:
+            total, n_epochs = max_steps, math.ceil(max_steps / steps_per_epoch)
+        else:
+            total, n_epochs = epochs * steps_per_epoch, epochs
+        last = n_epochs if stop_after_epoch is None else min(n_epochs, stop_after_epoch)
+        return cls(batch_size, per_step, total, n_epochs, warmup_steps_for(total, warmup_ratio), last)
+
+
+def _check_settings(scheduler: str, epochs, batch_size, grad_accum, max_steps, warmup_ratio,
+                    lr) -> None:
+    if scheduler not in SCHEDULERS:
+        raise WarmupError(f"scheduler must be one of {SCHEDULERS}, not {scheduler!r}")
+    for label, value in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum)):
+        if not isinstance(value, int) or value < 1:
+            raise WarmupError(f"{label} must be a positive integer, not {value!r}")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise WarmupError(f"max_steps must be a positive integer or None, not {max_steps!r}")
+    if not 0 <= warmup_ratio < 1:
+        raise WarmupError(f"warmup_ratio must be in [0, 1), not {warmup_ratio!r}")
+    if not lr > 0:
+        raise WarmupError(f"lr must be positive, not {lr!r}")
+
+
+def _finished_epochs(root: Path, run: dict) -> list[dict]:
+    """The folder's finished checkpoints, refused unless they are epochs 1..k of this `run`."""
+    root.mkdir(parents=True, exist_ok=True)
+    _sweep_temp(root)
+    try:
+        done = completed_checkpoints(root)
+    except CheckpointInfoError as e:
+        raise WarmupError(f"{root}: holds a checkpoint folder that is not a finished qless "
+                          f"warmup checkpoint: {e}") from None
+    wanted = json.loads(json.dumps(run))
+    for i, info in enumerate(done, 1):
+        if info["epoch"] != i:
+            raise WarmupError(f"{root}: epoch-{i} is missing but {info['name']} exists")
+        stored = info.get("run")
+        if stored != wanted:
+            diffs = _diff(stored, wanted) if isinstance(stored, dict) else ["no run settings recorded"]
+            raise WarmupError(
+                f"{root}: holds a different warmup run ({info['name']}); use another folder. "
+                + "; ".join(diffs)
+            )
+    return done
+
+
+def _train_epoch(model, examples: list, order: np.ndarray, optimizer, params, sched: _Schedule,
+                 lr: float, scheduler: str, max_grad_norm, step: int, device, on_step
+                 ) -> tuple[int, list[float], list[float]]:
+    """One epoch's optimizer steps in `order` (stopping at the schedule's end):
+    (the step reached, each step's lr, each step's loss)."""
+    lrs: list[float] = []
+    losses: list[float] = []
+    for start in range(0, len(examples), sched.per_step):
+        if step >= sched.total_steps:
+            break
+        chunk = [examples[j] for j in order[start:start + sched.per_step]]
+        lr_now = lr * lr_factor(step, sched.total_steps, sched.n_warmup, scheduler)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for b in range(0, len(chunk), sched.batch_size):
+            loss = example_losses(model, chunk[b:b + sched.batch_size], device).sum() / len(chunk)
+            loss.backward()
+            step_loss += float(loss.detach())
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for _, p in params], max_grad_norm)
+        optimizer.step()
+        step += 1
+        lrs.append(lr_now)
+        losses.append(step_loss)
+        on_step(step_loss, lr_now)
+    return step, lrs, losses
+
+
 def warmup(
     model,
     examples: Iterable,
@@ -307,63 +400,24 @@ def warmup(
     from tqdm.auto import tqdm
 
     examples = list(examples)
-    if scheduler not in SCHEDULERS:
-        raise WarmupError(f"scheduler must be one of {SCHEDULERS}, not {scheduler!r}")
-    for label, value in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum)):
-        if not isinstance(value, int) or value < 1:
-            raise WarmupError(f"{label} must be a positive integer, not {value!r}")
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-        raise WarmupError(f"max_steps must be a positive integer or None, not {max_steps!r}")
-    if not 0 <= warmup_ratio < 1:
-        raise WarmupError(f"warmup_ratio must be in [0, 1), not {warmup_ratio!r}")
-    if not lr > 0:
-        raise WarmupError(f"lr must be positive, not {lr!r}")
+    _check_settings(scheduler, epochs, batch_size, grad_accum, max_steps, warmup_ratio, lr)
     params = trainable_parameters(model)
     if not params or not hasattr(model, "peft_config"):
         raise WarmupError("the model has no trainable LoRA parameters (attach_lora first)")
-    data_sha1 = _check_examples(examples)
-
     n = len(examples)
-    per_step = batch_size * grad_accum
-    steps_per_epoch = math.ceil(n / per_step)
-    if max_steps is not None:
-        total_steps = max_steps
-        n_epochs = math.ceil(max_steps / steps_per_epoch)
-    else:
-        total_steps = epochs * steps_per_epoch
-        n_epochs = epochs
-    n_warmup = warmup_steps_for(total_steps, warmup_ratio)
-    last_epoch = n_epochs if stop_after_epoch is None else min(n_epochs, stop_after_epoch)
-
+    sched = _Schedule.of(n, epochs, batch_size, grad_accum, max_steps, warmup_ratio, stop_after_epoch)
     lora = lora_config_dict(model)
     run = {
-        "epochs": n_epochs, "max_steps": max_steps, "total_steps": total_steps,
-        "lr": lr, "warmup_ratio": warmup_ratio, "warmup_steps": n_warmup, "scheduler": scheduler,
-        "batch_size": batch_size, "grad_accum": grad_accum, "weight_decay": weight_decay,
-        "max_grad_norm": max_grad_norm or None, "betas": list(ADAM_BETAS), "eps": ADAM_EPS,
-        "seed": seed, "n_examples": n, "examples_sha1": data_sha1, "lora": lora,
+        "epochs": sched.n_epochs, "max_steps": max_steps, "total_steps": sched.total_steps,
+        "lr": lr, "warmup_ratio": warmup_ratio, "warmup_steps": sched.n_warmup,
+        "scheduler": scheduler, "batch_size": batch_size, "grad_accum": grad_accum,
+        "weight_decay": weight_decay, "max_grad_norm": max_grad_norm or None,
+        "betas": list(ADAM_BETAS), "eps": ADAM_EPS, "seed": seed, "n_examples": n,
+        "examples_sha1": _check_examples(examples), "lora": lora,
         "model": getattr(model, "_qless_identity", None),
     }
-
     root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    _sweep_temp(root)
-    try:
-        done = completed_checkpoints(root)
-    except CheckpointInfoError as e:
-        raise WarmupError(f"{root}: holds a checkpoint folder that is not a finished qless "
-                          f"warmup checkpoint: {e}") from None
-    for i, info in enumerate(done, 1):
-        if info["epoch"] != i:
-            raise WarmupError(f"{root}: epoch-{i} is missing but {info['name']} exists")
-        stored = info.get("run")
-        if stored != json.loads(json.dumps(run)):
-            diffs = _diff(stored, json.loads(json.dumps(run))) if isinstance(stored, dict) else [
-                "no run settings recorded"]
-            raise WarmupError(
-                f"{root}: holds a different warmup run ({info['name']}); use another folder. "
-                + "; ".join(diffs)
-            )
+    done = _finished_epochs(root, run)
 
     device = _model_device(model)
     optimizer = torch.optim.AdamW(
@@ -375,70 +429,36 @@ def warmup(
         folder = Path(last["path"])
         _load_adapter_weights(model, folder)
         step = last["step"]
-        if step < total_steps and last["epoch"] < last_epoch:
+        if step < sched.total_steps and last["epoch"] < sched.last_epoch:
             _load_optimizer(optimizer, model, folder, step)
-            log.info("resuming %s after %s (step %d of %d)", root, last["name"], step, total_steps)
+            log.info("resuming %s after %s (step %d of %d)", root, last["name"], step,
+                     sched.total_steps)
     infos = [dict(i) for i in done]
     start_epoch = len(done) + 1
-    if start_epoch > last_epoch or step >= total_steps:
+    if start_epoch > sched.last_epoch or step >= sched.total_steps:
         model.eval()
         return infos
 
-    bar = tqdm(total=total_steps, initial=step, desc="warmup", unit="step", file=sys.stderr,
+    bar = tqdm(total=sched.total_steps, initial=step, desc="warmup", unit="step", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
     rng_devices = [device] if device.type == "cuda" else []
     lr_peak = 0.0
     try:
         with torch.random.fork_rng(devices=rng_devices):
             model.train()
-            for epoch in range(start_epoch, last_epoch + 1):
+            for epoch in range(start_epoch, sched.last_epoch + 1):
                 torch.manual_seed(_derive_seed(seed, epoch))
-                order = epoch_order(n, seed, epoch)
-                lrs: list[float] = []
-                losses: list[float] = []
-                for start in range(0, n, per_step):
-                    if step >= total_steps:
-                        break
-                    chunk = [examples[j] for j in order[start:start + per_step]]
-                    lr_now = lr * lr_factor(step, total_steps, n_warmup, scheduler)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr_now
-                    optimizer.zero_grad(set_to_none=True)
-                    step_loss = 0.0
-                    for b in range(0, len(chunk), batch_size):
-                        micro = chunk[b:b + batch_size]
-                        loss = example_losses(model, micro, device).sum() / len(chunk)
-                        loss.backward()
-                        step_loss += float(loss.detach())
-                    if max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_([p for _, p in params], max_grad_norm)
-                    optimizer.step()
-                    step += 1
-                    lr_peak = max(lr_peak, lr_now)
-                    lrs.append(lr_now)
-                    losses.append(step_loss)
+
+                def on_step(loss: float, lr_now: float, epoch=epoch) -> None:
                     bar.update(1)
-                    bar.set_postfix(epoch=epoch, loss=f"{step_loss:.4f}", lr=f"{lr_now:.3g}",
-                                    refresh=False)
-                name = f"epoch-{epoch}"
-                info = {
-                    "format": FORMAT,
-                    "name": name,
-                    "epoch": epoch,
-                    "step": step,
-                    "lr": float(np.mean(lrs)),
-                    "lr_first": lrs[0],
-                    "lr_last": lrs[-1],
-                    "steps_in_epoch": len(lrs),
-                    "train_loss": float(np.mean(losses)),
-                    "optimizer": "adamw",
-                    "lora": lora,
-                    "seed": seed,
-                    "n_examples": n,
-                    "total_steps": total_steps,
-                    "run": run,
-                }
-                folder = _write_checkpoint(root, name, model, optimizer, info)
+                    bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr_now:.3g}", refresh=False)
+
+                step, lrs, losses = _train_epoch(model, examples, epoch_order(n, seed, epoch),
+                                                 optimizer, params, sched, lr, scheduler,
+                                                 max_grad_norm, step, device, on_step)
+                lr_peak = max([lr_peak, *lrs])
+                info = _epoch_info(epoch, step, lrs, losses, lora, seed, n, sched.total_steps, run)
+                folder = _write_checkpoint(root, info["name"], model, optimizer, info)
                 info["path"] = str(folder)
                 infos.append(info)
                 log.info("%s: step %d, mean lr %.4g, loss %.4f", folder, step, info["lr"],
@@ -449,9 +469,32 @@ def warmup(
         model.eval()
     # Too few steps leave PEFT's zero B (a one-step run takes the schedule's first lr, 0): say so
     # now, not after an ingest whose lora_A gradients all come out zero.
-    warn_if_untrained(infos[-1]["path"], f" after {step} optimizer step{'s' * (step != 1)} of {per_step} examples"
+    warn_if_untrained(infos[-1]["path"], f" after {step} optimizer step{'s' * (step != 1)} of "
+                      f"{sched.per_step} examples"
                       + (" (each at lr 0: a schedule's first step is)" if lr_peak == 0 else ""))
     return infos
+
+
+def _epoch_info(epoch: int, step: int, lrs: list[float], losses: list[float], lora: dict,
+                seed: int, n: int, total_steps: int, run: dict) -> dict:
+    """The checkpoint record of an epoch (qless.checkpoint's contract)."""
+    return {
+        "format": FORMAT,
+        "name": f"epoch-{epoch}",
+        "epoch": epoch,
+        "step": step,
+        "lr": float(np.mean(lrs)),
+        "lr_first": lrs[0],
+        "lr_last": lrs[-1],
+        "steps_in_epoch": len(lrs),
+        "train_loss": float(np.mean(losses)),
+        "optimizer": "adamw",
+        "lora": lora,
+        "seed": seed,
+        "n_examples": n,
+        "total_steps": total_steps,
+        "run": run,
+    }
 
 
 def warmup_files(data: Sequence[str], out_dir: str | os.PathLike, model_name: str = "smollm2-135m",
