@@ -82,16 +82,23 @@ def open_or_create(store_path, dim: int, projection: dict, model: dict, lora: di
     if not Path(store_path, DATA_FILE).exists():
         return gradstore.create(store_path, dim=dim, projection=projection, model=model, lora=lora)
     store = gradstore.open(store_path, readonly=False)
-    for key, want in (("dim", dim), ("projection", projection), ("model", model), ("lora", lora)):
-        have = store.meta.get(key)
-        if have != want:
-            store.close()
-            raise SchemaMismatchError(
-                f"{store_path}: the store's {key} is {have}, this ingest's is {want}; use another store")
+    try:
+        _check_fits(store, dim, projection, model, lora)
+    except SchemaMismatchError:
+        store.close()
+        raise
     return store
 
 
-def ingest(store_path, examples: Sequence, set_name: str, checkpoints: Sequence[Checkpoint],
+def _check_fits(store: gradstore.Store, dim: int, projection: dict, model: dict, lora: dict) -> None:
+    for key, want in (("dim", dim), ("projection", projection), ("model", model), ("lora", lora)):
+        have = store.meta.get(key)
+        if have != want:
+            raise SchemaMismatchError(
+                f"{store.path}: the store's {key} is {have}, this ingest's is {want}; use another store")
+
+
+def ingest(store, examples: Sequence, set_name: str, checkpoints: Sequence[Checkpoint],
            model_name: str, kind: str = "train", encodings: Sequence[str] = DEFAULT_ENCODINGS,
            dim: int = DEFAULT_DIM, projection: str = "sparse-rademacher", seed: int = 0,
            dtype: str = "bf16", quant: str | None = None, batch_size: int = 32,
@@ -99,8 +106,10 @@ def ingest(store_path, examples: Sequence, set_name: str, checkpoints: Sequence[
            progress: bool = True) -> IngestReport:
     """Write the projected gradients of `examples` at every checkpoint into the store.
 
-    Train sets get LESS's Adam directions (the checkpoint's optimizer state), task sets plain
-    gradients. Returns what was written and skipped.
+    `store` is a path (the store is created there if absent, and closed at the end) or an open
+    writable `gradstore.Store` (left open). Train sets get LESS's Adam directions (the
+    checkpoint's optimizer state), task sets plain gradients. Returns what was written and
+    skipped.
     """
     from tqdm import tqdm
 
@@ -110,7 +119,10 @@ def ingest(store_path, examples: Sequence, set_name: str, checkpoints: Sequence[
         raise ValueError("at least one checkpoint is needed")
     examples = shard_slice(list(examples), shard)
     report = IngestReport()
-    store = None
+    given = store if isinstance(store, gradstore.Store) else None
+    if given is not None and given.readonly:
+        raise gradstore.ReadOnlyError(f"{given.path}: ingest needs the store open with readonly=False")
+    store_path, store = (None, None) if given is not None else (store, None)
     model = None
     padded = real = 0
     try:
@@ -124,8 +136,12 @@ def ingest(store_path, examples: Sequence, set_name: str, checkpoints: Sequence[
                                         token_budget=token_budget, betas=ckpt.betas, eps=ckpt.eps)
             spec = {"kind": projection, "seed": seed, "dim": dim, "input_dim": computer.dim}
             if store is None:
-                store = open_or_create(store_path, dim, make_projection(spec).spec(),
-                                       model_identity(model), lora_config_dict(model))
+                identity = (make_projection(spec).spec(), model_identity(model), lora_config_dict(model))
+                if given is not None:
+                    _check_fits(given, dim, *identity)
+                    store = given
+                else:
+                    store = open_or_create(store_path, dim, *identity)
             project = make_projection(store.meta["projection"])
             if project.input_dim != computer.dim:
                 raise SchemaMismatchError(
@@ -163,7 +179,7 @@ def ingest(store_path, examples: Sequence, set_name: str, checkpoints: Sequence[
             bar.close()
             del computer, state
     finally:
-        if store is not None:
+        if store is not None and given is None:
             store.close()
     report.padding = 1 - real / padded if padded else 0.0
     return report

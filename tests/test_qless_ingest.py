@@ -138,6 +138,28 @@ def test_a_different_projection_is_refused(tiny, tmp_path):
                encodings=("sign1",), progress=False)
 
 
+def test_ingest_into_an_open_store_leaves_it_open_and_equals_a_path_ingest(tiny, tmp_path):
+    model_dir, ckpts = tiny
+    pool = examples(5)
+    opts = dict(dim=64, dtype="fp32", encodings=("f32",), progress=False)
+    ingest(tmp_path / "by-path", pool, "train", ckpts, str(model_dir), **opts)
+    with gradstore.open(tmp_path / "by-path") as made:
+        with gradstore.create(tmp_path / "open", dim=64, projection=made.meta["projection"],
+                              model=made.meta["model"], lora=made.meta["lora"]) as store:
+            report = ingest(store, pool, "train", ckpts, str(model_dir), **opts)
+            assert report.written == 10
+            store.write("extra", "epoch-1", np.ones((1, 64), np.float32), ["x"], encodings=("f32",))
+            for c in ckpts:  # still open, and the same vectors as the path ingest wrote
+                np.testing.assert_array_equal(store.vectors("train", c.name, "f32"),
+                                              made.vectors("train", c.name, "f32"))
+    with gradstore.open(tmp_path / "by-path") as ro, pytest.raises(
+            gradstore.ReadOnlyError, match="ingest needs the store open with readonly=False"):
+        ingest(ro, pool, "train", ckpts, str(model_dir), **opts)
+    other = gradstore.create(tmp_path / "other", dim=64, projection={"kind": "sparse-rademacher", "seed": 9})
+    with other, pytest.raises(SchemaMismatchError, match="the store's projection is"):
+        ingest(other, pool, "train", ckpts, str(model_dir), **opts)
+
+
 def test_shards_are_contiguous_and_cover_everything(monkeypatch):
     items = list(range(10))
     parts = [shard_slice(items, (i, 3)) for i in range(3)]
