@@ -176,19 +176,39 @@ def model_options(fn):
     return fn
 
 
+def training_options(fn):
+    """--data, --out and LESS's training settings (Trainer and LoRA), shared by warmup and train."""
+    for option in reversed([
+        click.option("--data", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+                     help="Training JSONL (repeatable)."),
+        click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+                     help="Folder for the epoch-N checkpoints (a re-run resumes)."),
+        click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=1)),
+        click.option("--lr", default=2e-5, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                     help="Peak learning rate (linear decay, 3% warmup)."),
+        click.option("--lora-r", default=128, show_default=True, type=click.IntRange(min=1)),
+        click.option("--lora-alpha", default=512.0, show_default=True),
+        click.option("--lora-dropout", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
+        click.option("--grad-accum", default=32, show_default=True, type=click.IntRange(min=1),
+                     help="Examples per optimizer step."),
+        click.option("--seed", default=0, show_default=True),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _train(files_fn, data, out_dir, lora_r, lora_alpha, lora_dropout, silent, **options):
+    """Run a training command (warmup or train) and say what each checkpoint holds."""
+    report, infos = files_fn(data, out_dir, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
+                             progress=not silent, **options)
+    note(report.summary(), silent)
+    for info in infos:
+        note(f"{out_dir}/{info['name']}: step {info['step']}, lr {info['lr']:.4g}", silent)
+
+
 @cli.command()
-@click.option("--data", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Training pool JSONL (repeatable).")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Folder for the epoch-N checkpoints (a re-run resumes).")
+@training_options
 @click.option("--percentage", default=0.05, show_default=True, help="Fraction of the pool to train on (LESS: 0.05).")
-@click.option("--epochs", default=4, show_default=True)
-@click.option("--lr", default=2e-5, show_default=True, help="Peak learning rate (linear decay, 3% warmup).")
-@click.option("--lora-r", default=128, show_default=True)
-@click.option("--lora-alpha", default=512.0, show_default=True)
-@click.option("--lora-dropout", default=0.1, show_default=True)
-@click.option("--grad-accum", default=32, show_default=True, help="Examples per optimizer step.")
-@click.option("--seed", default=0, show_default=True)
 @model_options
 @silent_option
 @handle_errors
@@ -206,13 +226,88 @@ def warmup(data, out_dir, percentage, epochs, lr, lora_r, lora_alpha, lora_dropo
     with requires("qless"):
         from qless.warmup import warmup_files
 
-    report, infos = warmup_files(
-        data, out_dir, model, percentage=percentage, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
-        dtype=dtype, quant=quant, max_length=max_length, chat_format=chat_format, skip_invalid=skip_invalid,
-        seed=seed, epochs=epochs, lr=lr, grad_accum=grad_accum, progress=not silent)
-    note(report.summary(), silent)
-    for info in infos:
-        note(f"{out_dir}/{info['name']}: step {info['step']}, lr {info['lr']:.4g}", silent)
+    _train(warmup_files, data, out_dir, lora_r, lora_alpha, lora_dropout, silent, model_name=model,
+           percentage=percentage, dtype=dtype, quant=quant, max_length=max_length, chat_format=chat_format,
+           skip_invalid=skip_invalid, seed=seed, epochs=epochs, lr=lr, grad_accum=grad_accum)
+
+
+@cli.command()
+@training_options
+@model_options
+@silent_option
+@handle_errors
+def train(data, out_dir, epochs, lr, lora_r, lora_alpha, lora_dropout, grad_accum, seed, model, dtype, quant,
+          max_length, chat_format, skip_invalid, silent):
+    """LESS step 4: fine-tune LoRA on a selection (every example of --data), one checkpoint per epoch.
+
+    The warmup's training loop and LESS's settings; a re-run resumes after the last finished
+    epoch. The last epoch's folder is the trained adapter (`eval --adapter OUT` finds it).
+
+    Example:
+
+        gradstore query --task mmlu --k 5% --out selected.jsonl
+
+        gradstore train --data selected.jsonl --out run
+    """
+    with requires("qless"):
+        from qless.train import train_files
+
+    _train(train_files, data, out_dir, lora_r, lora_alpha, lora_dropout, silent, model_name=model, dtype=dtype,
+           quant=quant, max_length=max_length, chat_format=chat_format, skip_invalid=skip_invalid, seed=seed,
+           epochs=epochs, lr=lr, grad_accum=grad_accum)
+
+
+@cli.command(name="eval")
+@click.option("--task", required=True, help="mmlu, bbh, or a JSONL file of prompt/answer records.")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False),
+              help="A LoRA adapter folder or a train run (its last epoch); default: the base model.")
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False),
+              help="LESS's data folder for mmlu and bbh (holds eval/mmlu/test, eval/bbh/bbh).")
+@click.option("--subtask", "subtasks", multiple=True, type=NAME, help="Evaluate only this subtask (repeatable).")
+@click.option("--limit", type=click.IntRange(min=1),
+              help="At most this many examples, taken round robin over the subtasks.")
+@click.option("--k-shot", default=5, show_default=True, type=click.IntRange(min=0),
+              help="MMLU: demonstrations from the subject's dev questions.")
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=0),
+              help="Generation length for exact match (0: no generation, NLL only).")
+@click.option("--predictions", type=click.Path(dir_okay=False), help="Write one JSON line per example here.")
+@model_options
+@output_options
+@silent_option
+@handle_errors
+def eval_(task, adapter, data_dir, subtasks, limit, k_shot, max_new_tokens, predictions, model, dtype, quant,
+          max_length, chat_format, skip_invalid, fmt, silent):
+    """Evaluate the base model or a trained adapter on a task's held-out examples.
+
+    MMLU: the test split, k-shot from dev; accuracy of the answer letter and NLL of the correct
+    letter. BBH: the task files with the 3-shot chain-of-thought prompts; exact match of the
+    generated answer and NLL of the target. A JSONL task: NLL of the answer and exact match.
+    Prints one row per subtask and an overall row, with the number of examples.
+
+    Example:
+
+        gradstore eval --task mmlu --data-dir ../shared/data --adapter run --limit 500 --table
+    """
+    with requires("qless"):
+        from qless.evaluate import evaluate_files, summarize
+
+    if task in ("mmlu", "bbh") and data_dir is None:
+        raise click.UsageError(f"--task {task} needs --data-dir (LESS's data folder)")
+    records, skipped = evaluate_files(
+        task, model, adapter, data_dir=data_dir, dtype=dtype, quant=quant, max_new_tokens=max_new_tokens,
+        progress=not silent, k_shot=k_shot, max_length=max_length, chat_format=chat_format,
+        subtasks=subtasks, limit=limit, skip_invalid=skip_invalid)
+    for line in skipped[:20]:
+        note(f"skipped {line}", silent)
+    if len(skipped) > 20:
+        note(f"... and {len(skipped) - 20} more skipped", silent)
+    if predictions:
+        import json
+
+        with open(predictions, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    rows = summarize(records, task)
+    emit(rows, fmt)
 
 
 @cli.command()

@@ -146,13 +146,9 @@ class _Item:
 
 def _mmlu_items(data_dir: Path) -> list[_Item]:
     dev = data_dir / "eval" / "mmlu" / "dev"
-    if not dev.is_dir():
-        raise TaskDataError(dev, "no such directory (mmlu needs eval/mmlu/dev/<subject>_dev.csv)")
     # LESS lists subjects from eval/mmlu/test/*_test.csv and reads their dev files; we list the
     # dev files themselves (the same 57 subjects in LESS's data) so test/ is not required.
-    subjects = sorted(f[: -len("_dev.csv")] for f in os.listdir(dev) if f.endswith("_dev.csv"))
-    if not subjects:
-        raise TaskDataError(dev, "no <subject>_dev.csv files")
+    subjects = mmlu_subjects(dev, "dev")
     items = []
     for subject in subjects:
         path = dev / f"{subject}_dev.csv"
@@ -161,16 +157,7 @@ def _mmlu_items(data_dir: Path) -> list[_Item]:
                 raise DataError(
                     f"{path}:{line}", f"expected question, choices, answer; got {len(row)} fields"
                 )
-            # LESS: format_subject -> " " + words joined by " " (hence the double space).
-            prompt = (
-                "The following are multiple choice questions (with answers) about {}.\n\n".format(
-                    "".join(" " + w for w in subject.split("_"))
-                )
-            )
-            prompt += row[0]
-            for letter, choice in zip("ABCD", row[1:-1]):
-                prompt += f"\n{letter}. {choice}"
-            prompt += "\nAnswer:"
+            prompt = mmlu_header(subject) + mmlu_question(row)
             items.append(
                 _Item(
                     "mmlu",
@@ -187,6 +174,28 @@ def _mmlu_items(data_dir: Path) -> list[_Item]:
                 )
             )
     return items
+
+
+def mmlu_subjects(folder: Path, split: str) -> list[str]:
+    "The subjects of an MMLU split's folder (its ``<subject>_<split>.csv`` files), sorted."
+    if not folder.is_dir():
+        raise TaskDataError(folder, f"no such directory (mmlu needs eval/mmlu/{split}/<subject>_{split}.csv)")
+    subjects = sorted(f[: -len(f"_{split}.csv")] for f in os.listdir(folder) if f.endswith(f"_{split}.csv"))
+    if not subjects:
+        raise TaskDataError(folder, f"no <subject>_{split}.csv files")
+    return subjects
+
+
+def mmlu_header(subject: str) -> str:
+    "The first line of an MMLU prompt (LESS's ``format_subject``: hence the double space)."
+    return "The following are multiple choice questions (with answers) about {}.\n\n".format(
+        "".join(" " + w for w in subject.split("_"))
+    )
+
+
+def mmlu_question(row: list[str]) -> str:
+    "A CSV row (question, choices..., answer) as open-instruct's ``format_example``, no answer."
+    return row[0] + "".join(f"\n{letter}. {choice}" for letter, choice in zip("ABCD", row[1:-1])) + "\nAnswer:"
 
 
 def _csv_records(path: Path) -> list[tuple[list[str], int, int]]:

@@ -379,6 +379,7 @@ def warmup(
     progress: bool = True,
     max_steps: int | None = None,
     stop_after_epoch: int | None = None,
+    desc: str = "warmup",
 ) -> list[dict]:
     """Train the LoRA adapters of `model` (a peft model from `attach_lora`) on `examples`.
 
@@ -390,7 +391,8 @@ def warmup(
     `max_steps` (as the Trainer's) sets the total number of optimizer steps instead of `epochs`;
     the last checkpoint is then written where training stops, possibly mid-epoch.
     `stop_after_epoch` stops after that epoch of the same schedule (a run in pieces); a later
-    call without it carries on. `max_grad_norm` None or 0 turns clipping off.
+    call without it carries on. `max_grad_norm` None or 0 turns clipping off. `desc` labels the
+    progress bar (`qless.train` runs this loop as LESS's step 4).
 
     Example:
         model = attach_lora(load_model("smollm2-135m"))
@@ -439,7 +441,7 @@ def warmup(
         model.eval()
         return infos
 
-    bar = tqdm(total=sched.total_steps, initial=step, desc="warmup", unit="step", file=sys.stderr,
+    bar = tqdm(total=sched.total_steps, initial=step, desc=desc, unit="step", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
     rng_devices = [device] if device.type == "cuda" else []
     lr_peak = 0.0
