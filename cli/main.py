@@ -20,6 +20,7 @@ from qless.data import (  # torch-free: the engine install has it
     DEFAULT_CHAT_FORMAT,
     DEFAULT_MAX_LENGTH,
 )
+from qless.evaluate import DEFAULT_K_SHOT, DEFAULT_MAX_NEW_TOKENS  # torch-free too
 
 from .output import emit, note, output_options, silent_option, store_option
 from .params import (
@@ -266,9 +267,9 @@ def train(data, out_dir, epochs, lr, lora_r, lora_alpha, lora_dropout, grad_accu
 @click.option("--subtask", "subtasks", multiple=True, type=NAME, help="Evaluate only this subtask (repeatable).")
 @click.option("--limit", type=click.IntRange(min=1),
               help="At most this many examples, taken round robin over the subtasks.")
-@click.option("--k-shot", default=5, show_default=True, type=click.IntRange(min=0),
+@click.option("--k-shot", default=DEFAULT_K_SHOT, show_default=True, type=click.IntRange(min=0),
               help="MMLU: demonstrations from the subject's dev questions.")
-@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=0),
+@click.option("--max-new-tokens", default=DEFAULT_MAX_NEW_TOKENS, show_default=True, type=click.IntRange(min=0),
               help="Generation length for exact match (0: no generation, NLL only).")
 @click.option("--predictions", type=click.Path(dir_okay=False), help="Write one JSON line per example here.")
 @model_options
