@@ -44,7 +44,10 @@ Evaluation (`qless.evaluate`; each arm on the task that selected it, base and ra
 Statistics: per arm the mean over evaluation examples; random: mean and sd over the 3 seeds;
 difference to random: per example, arm minus the mean of the 3 random runs, mean over examples
 with a 95% paired bootstrap interval (10,000 resamples of the evaluation examples, seed 0).
-An interval that holds 0 is reported as no significant difference.
+An interval that holds 0 is reported as no significant difference. Added after the random arms
+had run (before any method's): that interval ignores which rows a draw picks, and single random
+seeds already fall outside it, so each row also says whether its difference lies beyond the
+range of the 3 random seeds' own differences to their mean (`beyond_random_seeds`).
 
 Writes benchmarks/results/selection.json after every arm and selection.png at the end; every
 phase's outputs (selections, runs, per-example evaluations) stay under
@@ -65,7 +68,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fidelity import Config, RunDir, build_variants, export_master, master_complete, read_data, run_ingest, run_warmup
+from bench_fidelity import (
+    Config,
+    RunDir,
+    build_variants,
+    export_master,
+    master_complete,
+    read_data,
+    run_ingest,
+    run_warmup,
+)
 from common import RESULTS_DIR, STORES_DIR, Timer, machine, print_machine, print_table, write_json
 
 import gradstore
@@ -248,9 +260,16 @@ def table_for(task: str, evals: dict) -> list[dict]:
     if len(randoms) == len(RANDOM_SEEDS):
         summary = {"arm": "random (mean of 3)", "n": len(ids)}
         for m in metrics(task):
-            per_seed = [float(values(r, m).mean()) for r in randoms]
-            summary[m] = float(np.mean(per_seed))
+            per_seed = np.array([float(values(r, m).mean()) for r in randoms])
+            summary[m] = float(per_seed.mean())
             summary[f"{m}_sd_over_seeds"] = float(np.std(per_seed, ddof=1))
+            # The interval above is over evaluation examples only; which 50 rows a random draw
+            # picks moves a run too. An arm counts as apart from random only when it also lies
+            # outside the range of the random seeds' own differences to their mean.
+            spread = [float(per_seed.min() - per_seed.mean()), float(per_seed.max() - per_seed.mean())]
+            summary[f"{m}_seed_range_vs_random"] = spread
+            for row in rows:
+                row[f"{m}_beyond_random_seeds"] = not spread[0] <= row[f"{m}_vs_random"] <= spread[1]
         rows.append(summary)
     return rows
 
@@ -272,6 +291,11 @@ def plot(tables: dict, path: Path) -> None:
         ax.barh(names, mean, xerr=[lo, hi], color=["#999" if n == "base" else "#4878a8" for n in names],
                 capsize=3)
         ax.axvline(0, color="k", lw=0.8)
+        seeds = next((r[f"{m}_seed_range_vs_random"] for r in tables.get(task, [])
+                      if f"{m}_seed_range_vs_random" in r), None)
+        if seeds is not None:
+            ax.axvspan(*seeds, color="#e8a33d", alpha=0.25, label="range of the 3 random seeds")
+            ax.legend(fontsize=8, loc="lower right")
         ax.invert_yaxis()
         better = "lower is better" if m == "nll" else "higher is better"
         ax.set_title(f"{task}: {m} minus random ({better})", fontsize=10)
