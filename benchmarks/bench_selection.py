@@ -269,7 +269,8 @@ def table_for(task: str, evals: dict) -> list[dict]:
             spread = [float(per_seed.min() - per_seed.mean()), float(per_seed.max() - per_seed.mean())]
             summary[f"{m}_seed_range_vs_random"] = spread
             for row in rows:
-                row[f"{m}_beyond_random_seeds"] = not spread[0] <= row[f"{m}_vs_random"] <= spread[1]
+                d = row[f"{m}_vs_random"]  # a tie (accuracy moves in steps of 1/n) is not beyond
+                row[f"{m}_beyond_random_seeds"] = not spread[0] - 1e-9 <= d <= spread[1] + 1e-9
         rows.append(summary)
     return rows
 
@@ -289,12 +290,12 @@ def plot(tables: dict, path: Path) -> None:
         lo = mean - np.array([r[f"{m}_vs_random_ci95"][0] for r in rows])
         hi = np.array([r[f"{m}_vs_random_ci95"][1] for r in rows]) - mean
         ax.barh(names, mean, xerr=[lo, hi], color=["#999" if n == "base" else "#4878a8" for n in names],
-                capsize=3)
+                capsize=3, zorder=2)
         ax.axvline(0, color="k", lw=0.8)
         seeds = next((r[f"{m}_seed_range_vs_random"] for r in tables.get(task, [])
                       if f"{m}_seed_range_vs_random" in r), None)
         if seeds is not None:
-            ax.axvspan(*seeds, color="#e8a33d", alpha=0.25, label="range of the 3 random seeds")
+            ax.axvspan(*seeds, color="#e8a33d", alpha=0.3, zorder=0, label="range of the 3 random seeds")
             ax.legend(fontsize=8, loc="lower right")
         ax.invert_yaxis()
         better = "lower is better" if m == "nll" else "higher is better"
