@@ -314,16 +314,17 @@ def read_data(cfg: Config, state: dict):
 
 def run_warmup(cfg: Config, run: RunDir, pool) -> list[dict]:
     from qless.data import sample_fraction
-    from qless.model import attach_lora, load_model
+    from qless.model import ModelSource, attach_lora
     from qless.warmup import completed_checkpoints, warmup
 
     trained = len(completed_checkpoints(run.warmup)) < cfg.epochs  # else it returns at once
     subset = sample_fraction(pool, cfg.warmup_fraction, cfg.seed)
-    model = attach_lora(load_model(MODEL, dtype=cfg.dtype), r=cfg.lora_r, alpha=cfg.lora_alpha,
+    source = ModelSource(MODEL, cfg.dtype)
+    model = attach_lora(source.load(), r=cfg.lora_r, alpha=cfg.lora_alpha,
                         dropout=cfg.lora_dropout, seed=cfg.seed)
     with Timer() as t:
         infos = warmup(model, subset, run.warmup, epochs=cfg.epochs, lr=cfg.lr,
-                       grad_accum=cfg.grad_accum, seed=cfg.seed)
+                       grad_accum=cfg.grad_accum, seed=cfg.seed, source=source)
     del model
     prev = run.state.get("warmup", {})
     run.state["warmup"] = {

@@ -24,7 +24,7 @@ from gradstore.ops import compare
 from .checkpoint import Checkpoint
 from .data import load_line, read_pool, sample_fraction
 from .ingest import ingest
-from .model import attach_lora, load_model, load_tokenizer
+from .model import ModelSource, attach_lora, load_tokenizer
 from .selection import read_record_line
 from .tasks import DEMO_POOL_FILE, DEMO_TASKS, load_task
 from .warmup import warmup
@@ -77,9 +77,11 @@ def run_demo(store_path: str | Path = "gradstore-demo", settings: DemoSettings =
     tasks = {t: load_task(t, tokenizer, max_length=s.max_length) for t in DEMO_TASKS}
 
     echo(f"[2/4] warmup: LoRA r={s.lora_r} on {s.warmup_fraction:.0%} of {len(pool)} rows, {s.epochs} epochs")
-    model = attach_lora(load_model(s.model), r=s.lora_r, alpha=s.lora_alpha, dropout=0.1, seed=s.seed)
+    source = ModelSource(s.model)
+    model = attach_lora(source.load(), r=s.lora_r, alpha=s.lora_alpha, dropout=0.1, seed=s.seed)
     infos = warmup(model, sample_fraction(pool, s.warmup_fraction, s.seed), f"{store_path}-warmup",
-                   epochs=s.epochs, lr=s.lr, grad_accum=s.grad_accum, seed=s.seed, progress=progress)
+                   epochs=s.epochs, lr=s.lr, grad_accum=s.grad_accum, seed=s.seed, progress=progress,
+                   source=source)
     checkpoints = [Checkpoint.from_info(i, str(Path(f"{store_path}-warmup", i["name"]).resolve()))
                    for i in infos]
     del model

@@ -31,7 +31,7 @@ from gradstore.format import DATA_FILE
 from .checkpoint import Checkpoint, read_checkpoints
 from .data import DEFAULT_CHAT_FORMAT, DEFAULT_MAX_LENGTH
 from .gradients import DEFAULT_TOKEN_BUDGET, GradientComputer
-from .model import load_adapter, load_model, lora_config_dict, model_identity, reload_adapter
+from .model import ModelSource, load_adapter, lora_config_dict, reload_adapter
 from .optimizer_state import load_optimizer_state
 from .projection import DEFAULT_DIM, make_projection
 
@@ -119,6 +119,7 @@ def ingest(store, examples: Sequence, set_name: str, checkpoints: Sequence[Check
         raise ValueError("at least one checkpoint is needed")
     examples = shard_slice(list(examples), shard)
     report = IngestReport()
+    source = ModelSource(str(model_name), dtype, quant)
     given = store if isinstance(store, gradstore.Store) else None
     if given is not None and given.readonly:
         raise gradstore.ReadOnlyError(f"{given.path}: ingest needs the store open with readonly=False")
@@ -128,7 +129,7 @@ def ingest(store, examples: Sequence, set_name: str, checkpoints: Sequence[Check
     try:
         for ckpt in checkpoints:
             if model is None:
-                model = load_adapter(load_model(model_name, dtype=dtype, quant=quant), ckpt.path)
+                model = load_adapter(source.load(), ckpt.path)
             else:
                 model = reload_adapter(model, ckpt.path)
             state = load_optimizer_state(ckpt.path, model) if kind == "train" else None
@@ -136,7 +137,7 @@ def ingest(store, examples: Sequence, set_name: str, checkpoints: Sequence[Check
                                         token_budget=token_budget, betas=ckpt.betas, eps=ckpt.eps)
             spec = {"kind": projection, "seed": seed, "dim": dim, "input_dim": computer.dim}
             if store is None:
-                identity = (make_projection(spec).spec(), model_identity(model), lora_config_dict(model))
+                identity = (make_projection(spec).spec(), source.identity(), lora_config_dict(model))
                 if given is not None:
                     _check_fits(given, dim, *identity)
                     store = given

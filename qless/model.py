@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +182,8 @@ def load_model(
     """Load a causal LM in eval mode, on `device` (CUDA when present, else CPU).
 
     `quant`: None, "nf4" (4-bit NormalFloat, QLoRA) or "int8" via bitsandbytes; the compute dtype
-    is `dtype`. The model remembers its identity (see `model_identity`).
+    is `dtype`. What it was loaded from is `ModelSource(name_or_path, dtype, quant)`: runs and
+    stores record that, not the model.
     """
     from transformers import AutoModelForCausalLM
 
@@ -210,8 +212,6 @@ def load_model(
     disable_cpu_repacking(model)
     model.eval()
     model.config.use_cache = False
-    # The identity is computed on demand (hashing a large model's weights takes a while).
-    model._qless_identity = {"name_or_path": str(name_or_path), "dtype": dtype, "quant": quant}
     return model
 
 
@@ -257,16 +257,12 @@ def attach_lora(
     )
     if seed is not None:
         torch.manual_seed(seed)
-    return _as_peft(model, lambda: get_peft_model(model, config))
+    return _as_peft(get_peft_model(model, config))
 
 
-def _as_peft(model, wrap):
-    """wrap() -> the peft model around `model`, keeping its identity, in eval mode."""
-    identity = getattr(model, "_qless_identity", None)
-    peft_model = wrap()
+def _as_peft(peft_model):
+    """A freshly wrapped peft model, ready: no CPU weight repacking, eval mode."""
     disable_cpu_repacking(peft_model)
-    if identity is not None:
-        peft_model._qless_identity = identity
     peft_model.eval()
     return peft_model
 
@@ -278,7 +274,7 @@ def load_adapter(model, checkpoint_dir: str | os.PathLike):
     path = Path(checkpoint_dir)
     if not (path / "adapter_config.json").is_file():
         raise ModelLoadError(f"{path}: no adapter_config.json (not a LoRA checkpoint folder)")
-    return _as_peft(model, lambda: PeftModel.from_pretrained(model, str(path), is_trainable=True))
+    return _as_peft(PeftModel.from_pretrained(model, str(path), is_trainable=True))
 
 
 def reload_adapter(model, checkpoint_dir: str | os.PathLike):
@@ -334,38 +330,44 @@ def _weights_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def model_identity(
-    name_or_path: str | os.PathLike | Any = BUILTIN,
-    dtype: str | torch.dtype = "bf16",
-    quant: str | None = None,
-) -> dict:
-    """{name, revision, sha256, dtype, quant} for a store's metadata.
+@dataclass(frozen=True)
+class ModelSource:
+    """What a base model is loaded from, and how: the identity that warmup runs and stores
+    record (a model object does not carry it)."""
 
-    Given a model from `load_model`/`attach_lora`, returns what it was loaded with. For the
-    built-in, `sha256` is the GGUF file's; for a local folder, its weight files'; for a hub id,
-    `revision` is the snapshot's commit when it is in the local HF cache.
-    """
-    if isinstance(name_or_path, torch.nn.Module):
-        args = getattr(name_or_path, "_qless_identity", None)
-        if args is None:
-            raise ValueError("model_identity: this model was not loaded by qless.load_model")
-        return model_identity(args["name_or_path"], dtype=args["dtype"], quant=args["quant"])
-    name = str(name_or_path)
-    ident: dict[str, Any] = {"name": name, "revision": None, "sha256": None,
-                             "dtype": _dtype_name(dtype), "quant": quant}
-    if name.lower() == BUILTIN:
-        ident["name"] = BUILTIN
-        ident["revision"] = _GGUF_FILE
-        ident["sha256"] = _sha256(builtin_gguf_path())
-    elif Path(name).is_dir():
-        ident["name"] = str(Path(name).resolve())
-        ident["sha256"] = _weights_digest(Path(name))
-    else:
-        try:
-            from huggingface_hub import snapshot_download
+    name_or_path: str = BUILTIN
+    dtype: str = "bf16"
+    quant: str | None = None
 
-            folder = Path(snapshot_download(name, local_files_only=True))
-            ident["revision"] = folder.name
-        except Exception:  # noqa: BLE001 - identity without a revision is still an identity
-            pass
-    return ident
+    def load(self, device: str | torch.device | None = None):
+        return load_model(self.name_or_path, self.dtype, self.quant, device)
+
+    def record(self) -> dict:
+        """As given (what a warmup run records and checks on resume; cheap)."""
+        return {"name_or_path": str(self.name_or_path), "dtype": self.dtype, "quant": self.quant}
+
+    def identity(self) -> dict:
+        """{name, revision, sha256, dtype, quant} for a store's metadata.
+
+        For the built-in, `sha256` is the GGUF file's; for a local folder, its weight files';
+        for a hub id, `revision` is the snapshot's commit when it is in the local HF cache.
+        """
+        name = str(self.name_or_path)
+        ident: dict[str, Any] = {"name": name, "revision": None, "sha256": None,
+                                 "dtype": _dtype_name(self.dtype), "quant": self.quant}
+        if name.lower() == BUILTIN:
+            ident["name"] = BUILTIN
+            ident["revision"] = _GGUF_FILE
+            ident["sha256"] = _sha256(builtin_gguf_path())
+        elif Path(name).is_dir():
+            ident["name"] = str(Path(name).resolve())
+            ident["sha256"] = _weights_digest(Path(name))
+        else:
+            try:
+                from huggingface_hub import snapshot_download
+
+                folder = Path(snapshot_download(name, local_files_only=True))
+                ident["revision"] = folder.name
+            except Exception:  # noqa: BLE001 - identity without a revision is still an identity
+                pass
+        return ident

@@ -380,6 +380,7 @@ def warmup(
     max_steps: int | None = None,
     stop_after_epoch: int | None = None,
     desc: str = "warmup",
+    source=None,
 ) -> list[dict]:
     """Train the LoRA adapters of `model` (a peft model from `attach_lora`) on `examples`.
 
@@ -392,11 +393,14 @@ def warmup(
     the last checkpoint is then written where training stops, possibly mid-epoch.
     `stop_after_epoch` stops after that epoch of the same schedule (a run in pieces); a later
     call without it carries on. `max_grad_norm` None or 0 turns clipping off. `desc` labels the
-    progress bar (`qless.train` runs this loop as LESS's step 4).
+    progress bar (`qless.train` runs this loop as LESS's step 4). `source` (a
+    `qless.model.ModelSource`) is what the base model was loaded from: the run records it, and
+    a re-run from another base model is refused.
 
     Example:
-        model = attach_lora(load_model("smollm2-135m"))
-        infos = warmup(model, sample_fraction(examples, 0.05), "out/warmup")
+        source = ModelSource("smollm2-135m")
+        model = attach_lora(source.load())
+        infos = warmup(model, sample_fraction(examples, 0.05), "out/warmup", source=source)
         [(i["name"], i["step"], i["lr"]) for i in infos]
     """
     from tqdm.auto import tqdm
@@ -416,7 +420,7 @@ def warmup(
         "weight_decay": weight_decay, "max_grad_norm": max_grad_norm or None,
         "betas": list(ADAM_BETAS), "eps": ADAM_EPS, "seed": seed, "n_examples": n,
         "examples_sha1": _check_examples(examples), "lora": lora,
-        "model": getattr(model, "_qless_identity", None),
+        "model": source.record() if source is not None else None,
     }
     root = Path(out_dir)
     done = _finished_epochs(root, run)
@@ -509,11 +513,12 @@ def warmup_files(data: Sequence[str], out_dir: str | os.PathLike, model_name: st
     Returns the data read report and the finished checkpoints' infos.
     """
     from .data import read_pool, sample_fraction
-    from .model import attach_lora, load_model, load_tokenizer
+    from .model import ModelSource, attach_lora, load_tokenizer
 
     tokenizer = load_tokenizer(model_name)
     examples, report = read_pool(data, tokenizer, max_length=max_length, skip_invalid=skip_invalid,
                                  chat_format=chat_format)
-    model = attach_lora(load_model(model_name, dtype=dtype, quant=quant), r=r, alpha=alpha,
-                        dropout=dropout, seed=seed)
-    return report, warmup(model, sample_fraction(examples, percentage, seed), out_dir, seed=seed, **options)
+    source = ModelSource(str(model_name), dtype, quant)
+    model = attach_lora(source.load(), r=r, alpha=alpha, dropout=dropout, seed=seed)
+    return report, warmup(model, sample_fraction(examples, percentage, seed), out_dir, seed=seed,
+                          source=source, **options)

@@ -7,11 +7,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from qless.model import (
     ModelLoadError,
+    ModelSource,
     attach_lora,
     disable_cpu_repacking,
     load_adapter,
     load_model,
-    model_identity,
 )
 from qless.optimizer_state import (
     OptimizerStateError,
@@ -40,9 +40,10 @@ def test_load_model_dtype_device_identity(tiny_dir):
     m = load_model(tiny_dir, dtype="fp32", device="cpu")
     assert m.dtype == torch.float32 and not m.training
     assert load_model(tiny_dir).dtype == torch.bfloat16  # bf16 is the default
-    ident = model_identity(m)
+    ident = ModelSource(tiny_dir, "fp32").identity()
     assert ident["dtype"] == "fp32" and ident["quant"] is None and len(ident["sha256"]) == 64
-    assert model_identity(tiny_dir, dtype="fp32") == ident
+    assert ident["name"] == str(tiny_dir.resolve())
+    assert ModelSource(tiny_dir, "bf16").identity()["sha256"] == ident["sha256"]
     with pytest.raises(ValueError, match="dtype"):
         load_model(tiny_dir, dtype="fp16")
     with pytest.raises(ModelLoadError):
@@ -206,7 +207,7 @@ def test_builtin_smollm2_loads_and_caches(tmp_path, monkeypatch):
     with torch.no_grad():
         logits = m(input_ids=torch.tensor([ids])).logits
     assert np.isfinite(logits.numpy()).all()
-    ident = model_identity(m)
+    ident = ModelSource("smollm2-135m", "fp32").identity()
     assert ident["name"] == "smollm2-135m" and ident["dtype"] == "fp32" and ident["sha256"]
 
 

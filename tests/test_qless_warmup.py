@@ -16,7 +16,7 @@ from qless.checkpoint import (
     CheckpointInfoMissing,
     read_checkpoint_info,
 )
-from qless.model import attach_lora, load_adapter
+from qless.model import ModelSource, attach_lora, load_adapter
 from qless.optimizer_state import load_optimizer_state
 from qless.warmup import WarmupError, completed_checkpoints, example_losses, warmup
 
@@ -263,6 +263,19 @@ def test_incompatible_folder_is_refused(tmp_path):
     with pytest.raises(WarmupError, match="lora"):
         warmup(other, examples, tmp_path, epochs=2, lr=1e-3, grad_accum=2, **QUICK)
     assert [i["epoch"] for i in completed_checkpoints(tmp_path)] == [1]
+
+
+def test_the_run_records_its_base_model_and_refuses_another(tmp_path):
+    examples = make_examples(4)
+    source = ModelSource("tiny-a", "fp32")
+    infos = warmup(tiny_lora(), examples, tmp_path, epochs=2, lr=1e-3, grad_accum=2,
+                   stop_after_epoch=1, source=source, **QUICK)
+    assert infos[0]["run"]["model"] == {"name_or_path": "tiny-a", "dtype": "fp32", "quant": None}
+    for other in (ModelSource("tiny-b", "fp32"), ModelSource("tiny-a", "bf16"), None):
+        with pytest.raises(WarmupError, match="different warmup run.*model"):
+            warmup(tiny_lora(), examples, tmp_path, epochs=2, lr=1e-3, grad_accum=2, source=other, **QUICK)
+    done = warmup(tiny_lora(), examples, tmp_path, epochs=2, lr=1e-3, grad_accum=2, source=source, **QUICK)
+    assert [i["epoch"] for i in done] == [1, 2]
 
 
 def test_foreign_epoch_folder_is_refused(tmp_path):
