@@ -167,7 +167,8 @@ def model_options(fn):
         click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True),
         click.option("--quant", type=click.Choice(["nf4", "int8"]), help="QLoRA base model via bitsandbytes."),
         click.option("--max-length", default=DEFAULT_MAX_LENGTH, show_default=True,
-                     help="Truncate examples to this many tokens."),
+                     help="Example length limit in tokens: training rows are truncated to it,"
+                          " eval examples longer than it are left out."),
         click.option("--chat-format", type=click.Choice(["tulu", "template"]), default=DEFAULT_CHAT_FORMAT,
                      show_default=True,
                      help="Prompt format for pool and tasks alike: LESS's tulu text, or the tokenizer's chat template."),

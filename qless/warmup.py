@@ -327,7 +327,7 @@ def _finished_epochs(root: Path, run: dict) -> list[dict]:
         if stored != wanted:
             diffs = _diff(stored, wanted) if isinstance(stored, dict) else ["no run settings recorded"]
             raise WarmupError(
-                f"{root}: holds a different warmup run ({info['name']}); use another folder. "
+                f"{root}: holds a different training run ({info['name']}); use another folder. "
                 + "; ".join(diffs)
             )
     return done

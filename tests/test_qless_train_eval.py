@@ -276,7 +276,7 @@ def test_train_resumes_after_an_interruption(tiny_model, tmp_path, monkeypatch):
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
     other = run(cli, [*args[:-len(TRAIN_ARGS)], *TRAIN_ARGS[:1], "4", *TRAIN_ARGS[2:], "--out", str(out)])
-    assert other.exit_code == 1 and "holds a different warmup run" in other.output
+    assert other.exit_code == 1 and "holds a different training run" in other.output
 
 
 @pytest.mark.parametrize(("args", "message"), [

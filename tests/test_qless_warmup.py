@@ -252,7 +252,7 @@ def test_incompatible_folder_is_refused(tmp_path):
     examples = make_examples(4)
     warmup(tiny_lora(), examples, tmp_path, epochs=2, lr=1e-3, grad_accum=2,
            stop_after_epoch=1, **QUICK)
-    with pytest.raises(WarmupError, match=r"different warmup run.*lr: folder has 0.001"):
+    with pytest.raises(WarmupError, match=r"different training run.*lr: folder has 0.001"):
         warmup(tiny_lora(), examples, tmp_path, epochs=2, lr=2e-3, grad_accum=2, **QUICK)
     with pytest.raises(WarmupError, match="examples_sha1"):
         warmup(tiny_lora(), make_examples(4, seed=1), tmp_path, epochs=2, lr=1e-3,
@@ -272,7 +272,7 @@ def test_the_run_records_its_base_model_and_refuses_another(tmp_path):
                    stop_after_epoch=1, source=source, **QUICK)
     assert infos[0]["run"]["model"] == {"name_or_path": "tiny-a", "dtype": "fp32", "quant": None}
     for other in (ModelSource("tiny-b", "fp32"), ModelSource("tiny-a", "bf16"), None):
-        with pytest.raises(WarmupError, match="different warmup run.*model"):
+        with pytest.raises(WarmupError, match="different training run.*model"):
             warmup(tiny_lora(), examples, tmp_path, epochs=2, lr=1e-3, grad_accum=2, source=other, **QUICK)
     done = warmup(tiny_lora(), examples, tmp_path, epochs=2, lr=1e-3, grad_accum=2, source=source, **QUICK)
     assert [i["epoch"] for i in done] == [1, 2]
