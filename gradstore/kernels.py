@@ -849,11 +849,12 @@ def float_dot(rows, enc: Encoding | str, dim: int, queries, at=None) -> np.ndarr
             f"rows: {rows.shape[1]} bytes per row, but {enc.name} at dim {dim} stores "
             f"{enc.row_bytes(dim)}")
     q = np.ascontiguousarray(q)
-    at = _positions(at, rows.shape[0])
+    positions = _positions(at, rows.shape[0])
     if enc.is_float:
         kernel = _float_dot_serial if _single() else _float_dot_kernel
-        return kernel(rows, at, q, int(dim), int(enc.kind == "f16"))
-    rows = rows[at]
+        return kernel(rows, positions, q, int(dim), int(enc.kind == "f16"))
+    if at is not None:  # packed rows are unpacked block by block anyway: gather only when asked
+        rows = rows[positions]
     n = rows.shape[0]
     out = np.empty((n, q.shape[0]), np.float32)
     buf = np.empty((min(n, _FLOAT_BLOCK), dim), np.float32)
