@@ -34,7 +34,7 @@ class _EnvRegistry:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._envs: dict[tuple[int, str], list] = {}  # (pid, path) -> [env, refcount]
+        self._envs: dict[tuple[int, str], list] = {}  # (pid, path) -> [env, handles, snapshots]
 
     def acquire(self, path: str, map_size: int) -> lmdb.Environment:
         key = (os.getpid(), path)

@@ -121,6 +121,11 @@ def check_version(path: str, version: int) -> None:
                                  f" reads ({FORMAT_VERSION}); re-run ingest into a new store")
 
 
+def rows_in_every(written: dict, checkpoints) -> int:
+    """Rows a set record's `written` ({checkpoint: rows}) holds at every one of `checkpoints`."""
+    return min((written.get(c, 0) for c in checkpoints), default=0)
+
+
 def row_record(row_id: str, subtask, metadata: dict, set_name: str) -> dict:
     """One row's metadata as stored: the caller's fields, its id and subtask; JSON or refused."""
     if not isinstance(metadata, dict):

@@ -44,9 +44,10 @@ import numpy as np
 
 from . import quant
 from .errors import DuplicateIdError, GradstoreError, SchemaMismatchError, UnknownNameError
+from .format import rows_in_every
 from .ops.merge import _merge_plan
 from .query import run
-from .query.executor import Result, _TopK, run_stage, stage_scorers
+from .query.executor import Result, _TopK, in_row_order, run_stage, stage_scorers
 from .query.planner import Plan
 from .store import open as open_store
 
@@ -225,8 +226,7 @@ class ShardedStore:
 
     def n_rows(self, set_name: str, checkpoints=None) -> int:
         written = self.set_info(set_name)["written"]
-        names = checkpoints if checkpoints is not None else list(written)
-        return min((written.get(c, 0) for c in names), default=0)
+        return rows_in_every(written, checkpoints if checkpoints is not None else list(written))
 
     def rows(self, set_name: str) -> list[dict]:
         return list(self._set(set_name)["ids"].values())
@@ -285,16 +285,18 @@ def _execute(sharded: ShardedStore, plan: Plan) -> Result:
              for stage in plan.stages for i, t in enumerate(plan.tasks) for c in plan.checkpoints}
     workers, shards = sharded._workers, [i for i, _, _ in spans]
     qid = uuid.uuid4().hex
+
+    def merged(answers) -> list[tuple[np.ndarray, np.ndarray]]:  # shard rows -> merged rows
+        return [(s, r + start) for (s, r), (_, start, _) in zip(answers, spans)]
+
     try:
         answers = workers.call("first", shards, (qid, plan, tasks))
-        scores, rows = _best([(s, r + start) for (s, r), (_, start, _) in zip(answers, spans)],
-                             plan.stages[0].keep)
+        scores, rows = _best(merged(answers), plan.stages[0].keep)
         if len(plan.stages) > 1:
             rows = np.sort(rows)
             mine = [rows[(rows >= start) & (rows < start + n)] - start for _, start, n in spans]
             answers = workers.call("rerank", shards, (qid, plan), mine)
-            scores, rows = _best([(s, r + start) for (s, r), (_, start, _) in zip(answers, spans)],
-                                 plan.k)
+            scores, rows = _best(merged(answers), plan.k)
     finally:
         workers.call("finish", shards, (qid,), quiet=True)
     records = sharded.rows_at(plan.set_name, rows)
@@ -305,9 +307,7 @@ def _best(parts: list[tuple[np.ndarray, np.ndarray]], keep: int | None) -> tuple
     """The shards' answers (merged row numbers, in shard order) as one store's: its `keep` best
     (ties to the lower row), or, for SCORE, every score in row order."""
     if keep is None:
-        if not parts:
-            return np.empty(0, np.float32), np.empty(0, np.int64)
-        return np.concatenate([s for s, _ in parts]), np.concatenate([r for _, r in parts])
+        return in_row_order(parts)
     top = _TopK(keep)
     for s, r in parts:
         top.push(s, r)

@@ -48,6 +48,7 @@ from .format import (
     new_meta,
     read_block,
     row_record,
+    rows_in_every,
     u32,
 )
 from .query import run
@@ -460,7 +461,7 @@ class Store:
             rec = self._set_record(txn, set_name)
             layout = self._encoding_layout(rec, set_name, enc)
             idx = [self._checkpoint_index(txn, c) for c in checkpoints]
-            n = min((rec["written"].get(c, 0) for c in checkpoints), default=0)
+            n = rows_in_every(rec["written"], checkpoints)
             n = n if limit is None else min(n, limit)
             block_rows = layout["block_rows"]
             meta_iter = self._iter_rows(txn, rec["id"]) if with_rows else None
@@ -493,7 +494,7 @@ class Store:
             rec = self._set_record(txn, set_name)
             layout = self._encoding_layout(rec, set_name, enc)
             idx = [self._checkpoint_index(txn, c) for c in checkpoints]
-            n = min((rec["written"].get(c, 0) for c in checkpoints), default=0)
+            n = rows_in_every(rec["written"], checkpoints)
             if len(rows) and not 0 <= rows[0] <= rows[-1] < n:
                 raise ValueError(f"scan_rows: rows {rows[0]}..{rows[-1]} are outside the {n} rows"
                                  f" every checkpoint of {set_name!r} holds")
@@ -520,9 +521,8 @@ class Store:
 
     def n_rows(self, set_name: str, checkpoints: Sequence[str] | None = None) -> int:
         """Rows stored for every one of `checkpoints` (all checkpoints written when None)."""
-        rec = self.set_info(set_name)
-        names = checkpoints if checkpoints is not None else list(rec["written"])
-        return min((rec["written"].get(c, 0) for c in names), default=0)
+        written = self.set_info(set_name)["written"]
+        return rows_in_every(written, checkpoints if checkpoints is not None else list(written))
 
     def read(self, set_name: str, checkpoint: str, encoding: str) -> quant.QuantizedRows:
         """The stored rows of one (set, checkpoint, encoding), copied out of the store."""

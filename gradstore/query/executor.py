@@ -295,12 +295,14 @@ def _first_stage(store, plan: Plan, score: _Scorer, snap) -> tuple[np.ndarray, n
                 top.push(scores, rows)
             else:
                 all_scores.append((scores, rows))
-    if top is not None:
-        return top.best()
-    if all_scores:
-        return (np.concatenate([s for s, _ in all_scores]),
-                np.concatenate([r for _, r in all_scores]))
-    return np.empty(0, np.float32), np.empty(0, np.int64)
+    return top.best() if top is not None else in_row_order(all_scores)
+
+
+def in_row_order(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """SCORE's answer: the (scores, rows) parts, in row order, one after the other."""
+    if not parts:
+        return np.empty(0, np.float32), np.empty(0, np.int64)
+    return np.concatenate([s for s, _ in parts]), np.concatenate([r for _, r in parts])
 
 
 def _rerank(store, plan: Plan, score: _Scorer, rows: np.ndarray, snap) -> tuple[np.ndarray, np.ndarray]:
