@@ -31,7 +31,6 @@ import argparse
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ from common import (
     LESS_LRS,
     STORES_DIR,
     Shape,
+    Timer,
     build_stores,
     machine,
     print_machine,
@@ -105,12 +105,6 @@ def _normalized(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def timed(fn) -> tuple[float, float, object]:
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - t0, time.process_time() - c0, out
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="20,000 rows")
@@ -155,14 +149,14 @@ def main(argv=None) -> dict:
     rows = {}
     for _ in range(args.repeat):
         if less is not None:
-            wall, cpu, top = timed(lambda: less.top(k))
-            rows[LESS] = top
-            best[LESS] = min(best[LESS], (wall, cpu))
+            with Timer() as t:
+                rows[LESS] = less.top(k)
+            best[LESS] = min(best[LESS], (t.s, t.cpu))
         for label, text, _ in paths:
-            wall, cpu, res = timed(lambda text=text: store.query(text))
-            rows[label] = res.rows
-            best[label] = min(best[label], (wall, cpu))
-            print(f"  {label}: {wall:.3f} s", flush=True)
+            with Timer() as t:
+                rows[label] = store.query(text).rows
+            best[label] = min(best[label], (t.s, t.cpu))
+            print(f"  {label}: {t.s:.3f} s", flush=True)
     results["loadavg_at_end"] = list(os.getloadavg())
 
     ref_wall = best[LESS][0] if less is not None else None

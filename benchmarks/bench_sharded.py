@@ -34,6 +34,7 @@ from common import (
     LESS_LRS,
     STORES_DIR,
     Shape,
+    Timer,
     build_stores,
     machine,
     print_machine,
@@ -109,9 +110,9 @@ def main(argv=None) -> dict:
     for _ in range(args.repeat):
         for t, store in targets.items():
             for label, q in QUERIES.items():
-                t1 = time.perf_counter()
-                store.query(q)
-                best[t, label] = min(best[t, label], time.perf_counter() - t1)
+                with Timer() as timer:
+                    store.query(q)
+                best[t, label] = min(best[t, label], timer.s)
     results["loadavg_at_end"] = list(os.getloadavg())
     rows, out = [], []
     for (how, s) in targets:
