@@ -313,6 +313,7 @@ def read_data(cfg: Config, state: dict):
 
 
 def run_warmup(cfg: Config, run: RunDir, pool) -> list[dict]:
+    from qless.config import WarmupConfig
     from qless.data import sample_fraction
     from qless.model import ModelSource, attach_lora
     from qless.warmup import completed_checkpoints, warmup
@@ -323,8 +324,9 @@ def run_warmup(cfg: Config, run: RunDir, pool) -> list[dict]:
     model = attach_lora(source.load(), r=cfg.lora_r, alpha=cfg.lora_alpha,
                         dropout=cfg.lora_dropout, seed=cfg.seed)
     with Timer() as t:
-        infos = warmup(model, subset, run.warmup, epochs=cfg.epochs, lr=cfg.lr,
-                       grad_accum=cfg.grad_accum, seed=cfg.seed, source=source)
+        infos = warmup(model, subset, run.warmup,
+                       WarmupConfig(epochs=cfg.epochs, lr=cfg.lr, grad_accum=cfg.grad_accum, seed=cfg.seed),
+                       source=source)
     del model
     prev = run.state.get("warmup", {})
     run.state["warmup"] = {
@@ -343,15 +345,17 @@ def run_warmup(cfg: Config, run: RunDir, pool) -> list[dict]:
 
 def run_ingest(cfg: Config, run: RunDir, pool, tasks, infos) -> None:
     from qless.checkpoint import read_checkpoints
+    from qless.config import IngestConfig
     from qless.ingest import ingest
+    from qless.model import ModelSource
 
     ckpts = read_checkpoints([i["path"] for i in infos])
     jobs = [("train", pool, "train")] + [(name, ex, "task") for name, ex in tasks.items()]
     stats = run.state.setdefault("ingest", {})
+    config = IngestConfig(encodings=("f32",), dim=cfg.dim, projection=cfg.projection, seed=cfg.seed)
     for name, examples, kind in jobs:
         with Timer() as t:
-            rep = ingest(run.master, examples, name, ckpts, MODEL, kind=kind, encodings=("f32",),
-                         dim=cfg.dim, projection=cfg.projection, seed=cfg.seed, dtype=cfg.dtype)
+            rep = ingest(run.master, examples, name, ckpts, ModelSource(MODEL, cfg.dtype), config, kind=kind)
         s = stats.setdefault(name, {"rows": len(examples), "written": 0, "no_response": 0,
                                     "seconds": 0.0, "cpu_seconds": 0.0, "gradient": 0.0,
                                     "projection": 0.0, "write": 0.0})

@@ -41,8 +41,9 @@ from common import machine, print_machine, print_table, write_json
 from rss import PeakRSS
 
 import gradstore
+from qless.config import IngestConfig
 from qless.data import iter_pool
-from qless.gradients import DEFAULT_TOKEN_BUDGET, GradientComputer
+from qless.gradients import GradientComputer
 from qless.model import attach_lora, load_model, load_tokenizer
 from qless.projection import SparseRademacher
 
@@ -159,7 +160,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rows", type=int, default=24, help="rows per configuration (half Dolly, half Flan)")
-    parser.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET)
+    parser.add_argument("--token-budget", type=int, default=IngestConfig.token_budget)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-bergson", action="store_true")
     parser.add_argument("--config", action="append", type=lambda t: tuple(int(x) for x in t.split(":")),

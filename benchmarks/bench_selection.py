@@ -62,6 +62,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,7 @@ from bench_fidelity import (
 from common import RESULTS_DIR, STORES_DIR, Timer, machine, print_machine, print_table, write_json
 
 import gradstore
+from qless.config import EvalConfig, LoraConfig, ReadConfig, WarmupConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = (ROOT / ".." / "shared" / "data").resolve()
@@ -95,12 +97,15 @@ METHODS = {  # arm -> query suffix after "TOP 5% FROM train BY <task>"
     "sign1-centered": "ENCODING sign1-centered",
     "default plan": "RERANK absmax8 OVERSAMPLE 6",
 }
-TRAIN = {"r": 8, "alpha": 32.0, "dropout": 0.1, "dtype": "bf16", "max_length": 512, "chat_format": "tulu",
-         "seed": 0, "epochs": 2, "lr": 2e-4, "grad_accum": 8}
+DTYPE = "bf16"
+TRAIN = WarmupConfig(epochs=2, lr=2e-4, grad_accum=8)
+LORA = LoraConfig(r=8, alpha=32.0)
+READ = ReadConfig(max_length=512)  # training; evaluation keeps the default max_length (bbh's 3-shot
+EVAL_READ = ReadConfig(chat_format=READ.chat_format)  # prompts pass 512), with the same chat format
 EVAL = {
-    "mmlu": {"k_shot": 0, "limit": 114},
-    "bbh": {"subtasks": ("sports_understanding", "boolean_expressions", "object_counting"), "limit": 36,
-            "max_new_tokens": 0},
+    "mmlu": EvalConfig(k_shot=0, limit=114),
+    "bbh": EvalConfig(subtasks=("sports_understanding", "boolean_expressions", "object_counting"), limit=36,
+                      max_new_tokens=0),
 }
 TASKS = tuple(EVAL)
 BOOTSTRAP = 10_000
@@ -179,16 +184,16 @@ def _counts(values) -> dict:
 
 def train(key: str, folder: Path, state: dict) -> Path:
     """Fine-tune on one selection (resumes; returns at once when done)."""
+    from qless.model import ModelSource
     from qless.train import final_adapter, train_files
     from qless.warmup import completed_checkpoints
 
     run_dir = folder / "runs" / key
     times = state["phases"].setdefault("train", {})
-    if len(completed_checkpoints(run_dir)) < TRAIN["epochs"]:
-        opts = dict(TRAIN)
+    if len(completed_checkpoints(run_dir)) < TRAIN.epochs:
         with Timer() as t:
-            _, infos = train_files([str(folder / "selections" / f"{key}.jsonl")], run_dir, MODEL,
-                                   progress=False, **opts)
+            _, infos = train_files([str(folder / "selections" / f"{key}.jsonl")], run_dir, ModelSource(MODEL, DTYPE),
+                                   TRAIN, lora=LORA, read=READ, progress=False)
         times[key] = {"seconds": round(t.s, 1), "cpu_seconds": round(t.cpu, 1),
                       "train_loss": [i["train_loss"] for i in infos], "steps": infos[-1]["step"]}
         print(f"  trained {key}: {t.s:.0f} s, loss by epoch "
@@ -199,14 +204,14 @@ def train(key: str, folder: Path, state: dict) -> Path:
 def evaluate(key: str, adapter: Path | None, task: str, folder: Path, state: dict) -> list[dict]:
     """Per-example records of one model on one task, cached as JSONL."""
     from qless.evaluate import evaluate_files
+    from qless.model import ModelSource
 
     file = folder / "evals" / f"{key}-{task}.jsonl"
     if file.exists():
         return [json.loads(line) for line in file.read_text().splitlines()]
-    opts = dict(EVAL[task])
     with Timer() as t:
-        records, skipped = evaluate_files(task, MODEL, adapter, data_dir=DATA_DIR, dtype=TRAIN["dtype"],
-                                          progress=False, chat_format=TRAIN["chat_format"], **opts)
+        records, skipped = evaluate_files(task, ModelSource(MODEL, DTYPE), adapter, EVAL[task], EVAL_READ,
+                                          data_dir=DATA_DIR, progress=False)
     if skipped:
         raise SystemExit(f"{task}: {len(skipped)} examples did not fit: {skipped[0]}")
     file.parent.mkdir(parents=True, exist_ok=True)
@@ -327,7 +332,9 @@ def main(argv=None) -> dict:
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     state.setdefault("phases", {})
     results = {"machine": info, "design": {"gradients": GRADIENTS.name, "k": K, "random_seeds": RANDOM_SEEDS,
-                                           "methods": METHODS, "train": TRAIN, "eval": EVAL, "bootstrap": BOOTSTRAP},
+                                           "methods": METHODS, "bootstrap": BOOTSTRAP,
+                                           "train": {"dtype": DTYPE, **asdict(TRAIN), **asdict(LORA), **asdict(READ)},
+                                           "eval": {task: asdict(c) for task, c in EVAL.items()}},
                "state": state}
 
     def save():

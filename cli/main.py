@@ -6,21 +6,27 @@ library errors become `Error: ...` with exit status 1, usage errors exit 2.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
 import click
 
 import gradstore
-from gradstore.encodings import DEFAULT_ENCODINGS
 from gradstore.query import compose
 from gradstore.query.planner import Plan
 from gradstore.sharded import MANIFEST, read_manifest
-from qless.data import (  # torch-free: the engine install has it
-    DEFAULT_CHAT_FORMAT,
-    DEFAULT_MAX_LENGTH,
+from qless.config import (  # torch-free: the engine install has it
+    PROJECTIONS,
+    STAGE_CHAT_FORMATS,
+    WARMUP_PERCENTAGE,
+    ConfigError,
+    EvalConfig,
+    IngestConfig,
+    LoraConfig,
+    ReadConfig,
+    WarmupConfig,
 )
-from qless.evaluate import DEFAULT_K_SHOT, DEFAULT_MAX_NEW_TOKENS  # torch-free too
 
 from .output import emit, note, output_options, silent_option, store_option
 from .params import (
@@ -160,16 +166,35 @@ def info(store_path, fmt):
         emit(centroids, fmt)
 
 
+def stage_config(cls, options: dict, prefix: str = ""):
+    """The `cls` settings from a command's options, each field from the option named `prefix` +
+    field (the one place options become settings); a bad value is a usage error naming its option."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{name: options[prefix + name] for name in names if prefix + name in options})
+    except ConfigError as exc:
+        ctx = click.get_current_context()
+        param = next((p for p in ctx.command.params if p.name == prefix + exc.field), None)
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def model_source(options: dict):
+    """The `qless.model.ModelSource` of --model, --dtype and --quant (after `requires("qless")`)."""
+    from qless.model import ModelSource
+
+    return ModelSource(options["model"], options["dtype"], options["quant"])
+
+
 def model_options(fn):
-    """--model, --dtype, --quant, --max-length, --chat-format: how examples meet the model."""
+    """--model, --dtype, --quant (the ModelSource) and ReadConfig's options: how examples meet the model."""
     for option in reversed([
         click.option("--model", default="smollm2-135m", show_default=True, help="HF folder, hub id or smollm2-135m."),
         click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True),
         click.option("--quant", type=click.Choice(["nf4", "int8"]), help="QLoRA base model via bitsandbytes."),
-        click.option("--max-length", default=DEFAULT_MAX_LENGTH, show_default=True,
+        click.option("--max-length", default=ReadConfig.max_length, show_default=True,
                      help="Example length limit in tokens: training rows are truncated to it,"
                           " eval examples longer than it are left out."),
-        click.option("--chat-format", type=click.Choice(["tulu", "template"]), default=DEFAULT_CHAT_FORMAT,
+        click.option("--chat-format", type=click.Choice(STAGE_CHAT_FORMATS), default=ReadConfig.chat_format,
                      show_default=True,
                      help="Prompt format for pool and tasks alike: LESS's tulu text, or the tokenizer's chat template."),
         click.option("--skip-invalid", is_flag=True, help="Skip malformed lines (reported at the end) instead of stopping."),
@@ -179,30 +204,32 @@ def model_options(fn):
 
 
 def training_options(fn):
-    """--data, --out and LESS's training settings (Trainer and LoRA), shared by warmup and train."""
+    """--data, --out and LESS's training settings (WarmupConfig's and LoraConfig's), shared by
+    warmup and train."""
     for option in reversed([
         click.option("--data", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
                      help="Training JSONL (repeatable)."),
         click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
                      help="Folder for the epoch-N checkpoints (a re-run resumes)."),
-        click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=1)),
-        click.option("--lr", default=2e-5, show_default=True, type=click.FloatRange(min=0, min_open=True),
+        click.option("--epochs", default=WarmupConfig.epochs, show_default=True),
+        click.option("--lr", default=WarmupConfig.lr, show_default=True,
                      help="Peak learning rate (linear decay, 3% warmup)."),
-        click.option("--lora-r", default=128, show_default=True, type=click.IntRange(min=1)),
-        click.option("--lora-alpha", default=512.0, show_default=True),
-        click.option("--lora-dropout", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
-        click.option("--grad-accum", default=32, show_default=True, type=click.IntRange(min=1),
+        click.option("--lora-r", default=LoraConfig.r, show_default=True),
+        click.option("--lora-alpha", default=LoraConfig.alpha, show_default=True),
+        click.option("--lora-dropout", default=LoraConfig.dropout, show_default=True),
+        click.option("--grad-accum", default=WarmupConfig.grad_accum, show_default=True,
                      help="Examples per optimizer step."),
-        click.option("--seed", default=0, show_default=True),
+        click.option("--seed", default=WarmupConfig.seed, show_default=True),
     ]):
         fn = option(fn)
     return fn
 
 
-def _train(files_fn, data, out_dir, lora_r, lora_alpha, lora_dropout, silent, **options):
+def _train(files_fn, data, out_dir, silent, options: dict, **extra):
     """Run a training command (warmup or train) and say what each checkpoint holds."""
-    report, infos = files_fn(data, out_dir, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
-                             progress=not silent, **options)
+    report, infos = files_fn(data, out_dir, model_source(options), stage_config(WarmupConfig, options),
+                             lora=stage_config(LoraConfig, options, "lora_"), read=stage_config(ReadConfig, options),
+                             progress=not silent, **extra)
     note(report.summary(), silent)
     for info in infos:
         note(f"{out_dir}/{info['name']}: step {info['step']}, lr {info['lr']:.4g}", silent)
@@ -210,12 +237,12 @@ def _train(files_fn, data, out_dir, lora_r, lora_alpha, lora_dropout, silent, **
 
 @cli.command()
 @training_options
-@click.option("--percentage", default=0.05, show_default=True, help="Fraction of the pool to train on (LESS: 0.05).")
+@click.option("--percentage", default=WARMUP_PERCENTAGE, show_default=True,
+              help="Fraction of the pool to train on (LESS: 0.05).")
 @model_options
 @silent_option
 @handle_errors
-def warmup(data, out_dir, percentage, epochs, lr, lora_r, lora_alpha, lora_dropout, grad_accum, seed, model,
-           dtype, quant, max_length, chat_format, skip_invalid, silent):
+def warmup(data, out_dir, percentage, silent, **options):
     """LESS step 1: train LoRA on a random fraction of the pool, one checkpoint per epoch.
 
     Each checkpoint keeps its Adam state and the epoch's mean learning rate, which ingest
@@ -228,9 +255,7 @@ def warmup(data, out_dir, percentage, epochs, lr, lora_r, lora_alpha, lora_dropo
     with requires("qless"):
         from qless.warmup import warmup_files
 
-    _train(warmup_files, data, out_dir, lora_r, lora_alpha, lora_dropout, silent, model_name=model,
-           percentage=percentage, dtype=dtype, quant=quant, max_length=max_length, chat_format=chat_format,
-           skip_invalid=skip_invalid, seed=seed, epochs=epochs, lr=lr, grad_accum=grad_accum)
+    _train(warmup_files, data, out_dir, silent, options, percentage=percentage)
 
 
 @cli.command()
@@ -238,8 +263,7 @@ def warmup(data, out_dir, percentage, epochs, lr, lora_r, lora_alpha, lora_dropo
 @model_options
 @silent_option
 @handle_errors
-def train(data, out_dir, epochs, lr, lora_r, lora_alpha, lora_dropout, grad_accum, seed, model, dtype, quant,
-          max_length, chat_format, skip_invalid, silent):
+def train(data, out_dir, silent, **options):
     """LESS step 4: fine-tune LoRA on a selection (every example of --data), one checkpoint per epoch.
 
     The warmup's training loop and LESS's settings; a re-run resumes after the last finished
@@ -254,9 +278,7 @@ def train(data, out_dir, epochs, lr, lora_r, lora_alpha, lora_dropout, grad_accu
     with requires("qless"):
         from qless.train import train_files
 
-    _train(train_files, data, out_dir, lora_r, lora_alpha, lora_dropout, silent, model_name=model, dtype=dtype,
-           quant=quant, max_length=max_length, chat_format=chat_format, skip_invalid=skip_invalid, seed=seed,
-           epochs=epochs, lr=lr, grad_accum=grad_accum)
+    _train(train_files, data, out_dir, silent, options)
 
 
 @cli.command(name="eval")
@@ -266,19 +288,17 @@ def train(data, out_dir, epochs, lr, lora_r, lora_alpha, lora_dropout, grad_accu
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False),
               help="LESS's data folder for mmlu and bbh (holds eval/mmlu/test, eval/bbh/bbh).")
 @click.option("--subtask", "subtasks", multiple=True, type=NAME, help="Evaluate only this subtask (repeatable).")
-@click.option("--limit", type=click.IntRange(min=1),
-              help="At most this many examples, taken round robin over the subtasks.")
-@click.option("--k-shot", default=DEFAULT_K_SHOT, show_default=True, type=click.IntRange(min=0),
+@click.option("--limit", type=int, help="At most this many examples, taken round robin over the subtasks.")
+@click.option("--k-shot", default=EvalConfig.k_shot, show_default=True,
               help="MMLU: demonstrations from the subject's dev questions.")
-@click.option("--max-new-tokens", default=DEFAULT_MAX_NEW_TOKENS, show_default=True, type=click.IntRange(min=0),
+@click.option("--max-new-tokens", default=EvalConfig.max_new_tokens, show_default=True,
               help="Generation length for exact match (0: no generation, NLL only).")
 @click.option("--predictions", type=click.Path(dir_okay=False), help="Write one JSON line per example here.")
 @model_options
 @output_options
 @silent_option
 @handle_errors
-def eval_(task, adapter, data_dir, subtasks, limit, k_shot, max_new_tokens, predictions, model, dtype, quant,
-          max_length, chat_format, skip_invalid, fmt, silent):
+def eval_(task, adapter, data_dir, predictions, fmt, silent, **options):
     """Evaluate the base model or a trained adapter on a task's held-out examples.
 
     MMLU: the test split, k-shot from dev; accuracy of the answer letter and NLL of the correct
@@ -295,10 +315,8 @@ def eval_(task, adapter, data_dir, subtasks, limit, k_shot, max_new_tokens, pred
 
     if task in ("mmlu", "bbh") and data_dir is None:
         raise click.UsageError(f"--task {task} needs --data-dir (LESS's data folder)")
-    records, skipped = evaluate_files(
-        task, model, adapter, data_dir=data_dir, dtype=dtype, quant=quant, max_new_tokens=max_new_tokens,
-        progress=not silent, k_shot=k_shot, max_length=max_length, chat_format=chat_format,
-        subtasks=subtasks, limit=limit, skip_invalid=skip_invalid)
+    records, skipped = evaluate_files(task, model_source(options), adapter, stage_config(EvalConfig, options),
+                                      stage_config(ReadConfig, options), data_dir=data_dir, progress=not silent)
     for line in skipped[:20]:
         note(f"skipped {line}", silent)
     if len(skipped) > 20:
@@ -324,14 +342,13 @@ def eval_(task, adapter, data_dir, subtasks, limit, k_shot, max_new_tokens, pred
 @click.option("--lr", "lrs", type=FLOATS, help="Comma-separated learning rates, one per checkpoint (default: the folder's"
               " qless_checkpoint.json, or the mean lr a Trainer's trainer_state.json logged in the epoch).")
 @model_options
-@click.option("--encodings", default=",".join(DEFAULT_ENCODINGS), show_default=True, type=ENCODINGS,
+@click.option("--encodings", default=",".join(IngestConfig.encodings), show_default=True, type=ENCODINGS,
               help="Comma-separated encodings to store.")
-@click.option("--dim", default=8192, show_default=True, help="Projection dimension.")
-@click.option("--projection", type=click.Choice(["sparse-rademacher", "dense-rademacher"]),
-              default="sparse-rademacher", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Projection seed.")
-@click.option("--batch-size", default=32, show_default=True, help="Rows per store transaction.")
-@click.option("--token-budget", default=2048, show_default=True, type=click.IntRange(min=1),
+@click.option("--dim", default=IngestConfig.dim, show_default=True, help="Projection dimension.")
+@click.option("--projection", type=click.Choice(PROJECTIONS), default=IngestConfig.projection, show_default=True)
+@click.option("--seed", default=IngestConfig.seed, show_default=True, help="Projection seed.")
+@click.option("--batch-size", default=IngestConfig.batch_size, show_default=True, help="Rows per store transaction.")
+@click.option("--token-budget", default=IngestConfig.token_budget, show_default=True,
               help="Padded tokens per forward/backward (examples are batched by length; raise it on a GPU).")
 @click.option("--shard", type=SHARD, help="i/n: ingest the i-th of n contiguous shards (default: from torchrun/accelerate).")
 @click.option("--ray", "ray_workers", type=click.IntRange(min=1), metavar="N",
@@ -340,9 +357,7 @@ def eval_(task, adapter, data_dir, subtasks, limit, k_shot, max_new_tokens, pred
 @store_option()
 @silent_option
 @handle_errors
-def ingest(data, set_name, task, data_dir, checkpoints, lrs, model, dtype, quant, encodings, dim, projection,
-           seed, max_length, chat_format, skip_invalid, batch_size, token_budget, shard, ray_workers,
-           store_path, silent):
+def ingest(data, set_name, task, data_dir, checkpoints, lrs, shard, ray_workers, store_path, silent, **options):
     """Compute projected LoRA gradients and write them to the store (resumable).
 
     Training pools get LESS's Adam directions; tasks get plain gradients.
@@ -357,15 +372,14 @@ def ingest(data, set_name, task, data_dir, checkpoints, lrs, model, dtype, quant
     """
     if shard and ray_workers:
         raise click.UsageError("--ray N shards the rows itself; give --shard or --ray, not both")
+    config, read = stage_config(IngestConfig, options), stage_config(ReadConfig, options)
     with requires("qless"):
         from qless.ingest import ingest_files, parse_shard
 
     sharding = {"ray_workers": ray_workers} if ray_workers else {"shard": shard or parse_shard(None)}
     read_report, report = ingest_files(
-        store_path, checkpoints, model, data=data, set_name=set_name, task=task, data_dir=data_dir,
-        lrs=lrs, max_length=max_length, chat_format=chat_format, skip_invalid=skip_invalid,
-        encodings=encodings, dim=dim, projection=projection, seed=seed, dtype=dtype, quant=quant,
-        batch_size=batch_size, token_budget=token_budget, progress=not silent, **sharding)
+        store_path, checkpoints, model_source(options), config, data=data, set_name=set_name, task=task,
+        data_dir=data_dir, lrs=lrs, read=read, progress=not silent, **sharding)
     if read_report is not None:
         note(read_report.summary(), silent)
     note(report.summary(), silent)

@@ -3,8 +3,8 @@
 A checkpoint folder holds the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`),
 the Adam moments (`qless.optimizer_state`) and one of:
 - `qless_checkpoint.json` (INFO_FILE), written last by `qless.warmup`: name, epoch, step, lr
-  (the mean lr of the epoch's optimizer steps, LESS's checkpoint weight), optimizer, the run's
-  settings;
+  (the mean lr of the epoch's optimizer steps, LESS's checkpoint weight), optimizer, and the
+  run (its `qless.config.WarmupConfig`, what that gives for these examples, LoRA and model);
 - `trainer_state.json`, a Hugging Face Trainer's (LESS's own checkpoints): the lr is the mean of
   the learning rates it logged in the checkpoint's epoch;
 - neither: the caller gives the lr.

@@ -10,7 +10,7 @@ Formats (one JSON object per line, detected per record):
 
 Chat formatting of messages (``chat_format``):
 - ``"template"``: the tokenizer's own chat template;
-- ``"tulu"`` (`DEFAULT_CHAT_FORMAT`, as LESS): ``concat_messages``
+- ``"tulu"`` (the default, `ReadConfig.chat_format`, as LESS): ``concat_messages``
   (``<|user|>\\n...\\n<|assistant|>\\n...EOS\\n``);
 - ``"auto"``: the template when the tokenizer has one, else tulu.
 Either way labels are masked as LESS's ``encode_with_messages_format`` does: every token of a
@@ -37,11 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from qless.config import ReadConfig
+
 IGNORE_INDEX = -100
-DEFAULT_MAX_LENGTH = 2048  # LESS's default max_seq_length
-# One prompt format for pools and tasks alike (LESS's): gradients of a pool and of its target
-# tasks in two formats are not comparable, so every reader and stage defaults to this one.
-DEFAULT_CHAT_FORMAT = "tulu"
 CHAT_FORMATS = ("auto", "template", "tulu")
 ROLES = ("system", "user", "assistant")
 
@@ -309,8 +307,8 @@ def encode_prompt_completion(
 
 
 def encode_record(
-    record: dict, tokenizer, max_length: int = DEFAULT_MAX_LENGTH,
-    chat_format: str = DEFAULT_CHAT_FORMAT,
+    record: dict, tokenizer, max_length: int = ReadConfig.max_length,
+    chat_format: str = ReadConfig.chat_format,
 ) -> tuple[list[int], list[int]]:
     """Tokenize one record; raises ValueError(reason) for a bad record or no response left."""
     return _encode(_parse(record), tokenizer, max_length, chat_format)
@@ -442,9 +440,9 @@ def _iter_examples(
 def iter_pool(
     paths: str | os.PathLike | Iterable[str | os.PathLike],
     tokenizer,
-    max_length: int = DEFAULT_MAX_LENGTH,
+    max_length: int = ReadConfig.max_length,
     skip_invalid: bool = False,
-    chat_format: str = DEFAULT_CHAT_FORMAT,
+    chat_format: str = ReadConfig.chat_format,
     report: ReadReport | None = None,
 ) -> Iterator[Example]:
     """Stream a pool's examples in file and line order; skipped lines go to ``report``."""
@@ -461,9 +459,9 @@ def iter_pool(
 def read_pool(
     paths: str | os.PathLike | Iterable[str | os.PathLike],
     tokenizer,
-    max_length: int = DEFAULT_MAX_LENGTH,
+    max_length: int = ReadConfig.max_length,
     skip_invalid: bool = False,
-    chat_format: str = DEFAULT_CHAT_FORMAT,
+    chat_format: str = ReadConfig.chat_format,
 ) -> tuple[list[Example], ReadReport]:
     """Read one or more JSONL files into examples (file and line order) and a report.
 

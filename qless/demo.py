@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Callable
 
 import gradstore
-from gradstore.encodings import DEFAULT_ENCODINGS
 from gradstore.format import DATA_FILE
 from gradstore.ops import compare
 
 from .checkpoint import Checkpoint
+from .config import IngestConfig, LoraConfig, ReadConfig, WarmupConfig
 from .data import load_line, read_pool, sample_fraction
 from .ingest import ingest
 from .model import ModelSource, attach_lora, load_tokenizer
@@ -35,17 +35,14 @@ TASK_SKILL = {"demo-mmlu": "multiple_choice", "demo-bbh": "logic", "demo-tydiqa"
 
 @dataclass(frozen=True)
 class DemoSettings:
-    model: str = "smollm2-135m"
-    lora_r: int = 8
-    lora_alpha: int = 32  # LESS's alpha = 4 r
+    source: ModelSource = ModelSource()
+    read: ReadConfig = ReadConfig(max_length=512)
+    lora: LoraConfig = LoraConfig(r=8, alpha=32)  # LESS's alpha = 4 r
     warmup_fraction: float = 0.1
-    epochs: int = 2
-    lr: float = 2e-4  # a few steps only, so a larger lr than LESS's 2e-5
-    grad_accum: int = 4
-    max_length: int = 512
-    dim: int = 8192
+    # A few steps only, so a larger lr than LESS's 2e-5.
+    warmup: WarmupConfig = WarmupConfig(epochs=2, lr=2e-4, grad_accum=4)
+    ingest: IngestConfig = IngestConfig()
     k: str = "5%"
-    seed: int = 0
 
 
 @dataclass
@@ -71,28 +68,26 @@ def run_demo(store_path: str | Path = "gradstore-demo", settings: DemoSettings =
         raise gradstore.StoreExistsError(f"{store_path}: a store is already there; remove it or pick another path")
     started = time.perf_counter()
     s = settings
-    echo(f"[1/4] loading {s.model} and the demo pool")
-    tokenizer = load_tokenizer(s.model)
-    pool, _ = read_pool([DEMO_POOL_FILE], tokenizer, max_length=s.max_length)
-    tasks = {t: load_task(t, tokenizer, max_length=s.max_length) for t in DEMO_TASKS}
+    echo(f"[1/4] loading {s.source.name_or_path} and the demo pool")
+    tokenizer = load_tokenizer(s.source.name_or_path)
+    pool, _ = read_pool([DEMO_POOL_FILE], tokenizer, max_length=s.read.max_length, chat_format=s.read.chat_format)
+    tasks = {t: load_task(t, tokenizer, max_length=s.read.max_length, chat_format=s.read.chat_format)
+             for t in DEMO_TASKS}
 
-    echo(f"[2/4] warmup: LoRA r={s.lora_r} on {s.warmup_fraction:.0%} of {len(pool)} rows, {s.epochs} epochs")
-    source = ModelSource(s.model)
-    model = attach_lora(source.load(), r=s.lora_r, alpha=s.lora_alpha, dropout=0.1, seed=s.seed)
-    infos = warmup(model, sample_fraction(pool, s.warmup_fraction, s.seed), f"{store_path}-warmup",
-                   epochs=s.epochs, lr=s.lr, grad_accum=s.grad_accum, seed=s.seed, progress=progress,
-                   source=source)
+    echo(f"[2/4] warmup: LoRA r={s.lora.r} on {s.warmup_fraction:.0%} of {len(pool)} rows,"
+         f" {s.warmup.epochs} epochs")
+    model = attach_lora(s.source.load(), r=s.lora.r, alpha=s.lora.alpha, dropout=s.lora.dropout, seed=s.warmup.seed)
+    infos = warmup(model, sample_fraction(pool, s.warmup_fraction, s.warmup.seed), f"{store_path}-warmup",
+                   s.warmup, source=s.source, progress=progress)
     checkpoints = [Checkpoint.from_info(i, str(Path(f"{store_path}-warmup", i["name"]).resolve()))
                    for i in infos]
     del model
 
     echo(f"[3/4] ingest: gradients of {len(pool)} rows and {sum(map(len, tasks.values()))} task rows"
-         f" at {len(checkpoints)} checkpoints -> {', '.join(DEFAULT_ENCODINGS)}")
-    options = dict(checkpoints=checkpoints, model_name=s.model, encodings=DEFAULT_ENCODINGS, dim=s.dim,
-                   seed=s.seed, progress=progress)
-    report = ingest(store_path, pool, "train", **options)
+         f" at {len(checkpoints)} checkpoints -> {', '.join(s.ingest.encodings)}")
+    report = ingest(store_path, pool, "train", checkpoints, s.source, s.ingest, progress=progress)
     for name, examples in tasks.items():
-        ingest(store_path, examples, name, kind="task", **options)
+        ingest(store_path, examples, name, checkpoints, s.source, s.ingest, kind="task", progress=progress)
     echo(f"      {report.summary()}")
 
     echo(f"[4/4] select the top {s.k} for each task")
@@ -106,7 +101,7 @@ def run_demo(store_path: str | Path = "gradstore-demo", settings: DemoSettings =
                              categories.count(skill) / len(categories))
             rep.top = [(r["id"], r.get("category"), float(score), _prompt_preview(r))
                        for r, score in zip(result.records[:3], result.scores[:3])]
-            for enc in DEFAULT_ENCODINGS[1:]:
+            for enc in s.ingest.encodings[1:]:
                 c = compare(store, "f16", enc, tasks=[task], k=s.k)
                 rep.agreement[enc] = {"overlap": c.overlap, "spearman": c.spearman}
             reports.append(rep)

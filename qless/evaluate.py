@@ -19,11 +19,11 @@ Tasks, built as open-instruct's evaluation scripts (what LESS evaluates with) bu
 - a JSONL file: one ``{"prompt": ..., "answer": ..., "subtask"?: ..., "id"?: ...}`` per line;
   ``nll`` of the answer after the prompt, ``exact_match`` of a greedy generation.
 
-Prompts take a chat format of `qless.tasks` (``tulu``: ``<|user|>\\n{prompt}\\n<|assistant|>\\n``
-then the answer prefix; ``plain``; ``template``) and are tokenized as LESS's validation rows. An
-example that does not fit ``max_length`` is left out and listed (never truncated). ``limit`` keeps
-the first ``limit`` examples of a round robin over the sorted subtasks (each in file order), so a
-small limit still covers every subtask.
+Prompts take the stage's chat format (`ReadConfig.chat_format`: ``tulu``,
+``<|user|>\\n{prompt}\\n<|assistant|>\\n`` then the answer prefix, or ``template``) and are
+tokenized as LESS's validation rows. An example that does not fit ``max_length`` is left out and
+listed (never truncated). ``limit`` keeps the first ``limit`` examples of a round robin over the
+sorted subtasks (each in file order), so a small limit still covers every subtask.
 
 `evaluate` yields one record per example (id, subtask, nll, and ``correct`` or ``exact_match``
 with the ``prediction``); `summarize` gives one row per subtask and an ``overall`` row (means
@@ -41,10 +41,10 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from qless.config import EvalConfig, ReadConfig
 from qless.data import (
-    DEFAULT_CHAT_FORMAT,
-    DEFAULT_MAX_LENGTH,
     IGNORE_INDEX,
     DataError,
     _lines,
@@ -52,7 +52,6 @@ from qless.data import (
     record_id,
 )
 from qless.tasks import (
-    TASK_CHAT_FORMATS,
     TaskDataError,
     _csv_records,
     _encode_less,
@@ -63,9 +62,10 @@ from qless.tasks import (
     mmlu_subjects,
 )
 
+if TYPE_CHECKING:
+    from qless.model import ModelSource
+
 EVAL_TASKS = ("mmlu", "bbh")
-DEFAULT_K_SHOT = 5  # open-instruct's --ntrain for MMLU, as LESS ran it
-DEFAULT_MAX_NEW_TOKENS = 256
 LETTERS = "ABCD"
 _ANSWER = re.compile(r"[tT]he answer is (.*?)\.")  # open-instruct's bbh extraction
 _STOP = "\n\n"  # open-instruct stops bbh generations at a blank line
@@ -233,50 +233,44 @@ def load_eval_task(
     task: str,
     tokenizer,
     data_dir: str | os.PathLike | None = None,
-    k_shot: int = DEFAULT_K_SHOT,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    chat_format: str = DEFAULT_CHAT_FORMAT,
-    subtasks: Iterable[str] | None = None,
-    limit: int | None = None,
-    skip_invalid: bool = False,
+    config: EvalConfig = EvalConfig(),
+    read: ReadConfig = ReadConfig(),
 ) -> tuple[list[EvalExample], list[str]]:
     """A task's evaluation examples (in round-robin subtask order) and what was left out, as lines.
 
     `task`: "mmlu" or "bbh" (need `data_dir`, LESS's layout), or the path of a JSONL file.
+    `config` picks the shots, subtasks and limit; `read` the prompt format and `max_length`
+    (examples longer than it are left out), and whether malformed JSONL lines are skipped.
 
     Example:
-        examples, skipped = load_eval_task("mmlu", tokenizer, "../shared/data", limit=200)
+        examples, skipped = load_eval_task("mmlu", tokenizer, "../shared/data", EvalConfig(limit=200))
     """
-    if chat_format not in TASK_CHAT_FORMATS:
-        raise EvalError(f"chat_format must be one of {TASK_CHAT_FORMATS}, not {chat_format!r}")
-    if limit is not None and limit < 1 or k_shot < 0 or max_length < 1:
-        raise EvalError("limit and max_length must be positive, k_shot at least 0")
     skipped: list[str] = []
     if task in EVAL_TASKS:
         if data_dir is None:
             raise EvalError(f"task {task!r} needs data_dir (LESS's layout, with eval/{task}/)")
-        specs = _mmlu(Path(data_dir), k_shot) if task == "mmlu" else _bbh(Path(data_dir))
+        specs = _mmlu(Path(data_dir), config.k_shot) if task == "mmlu" else _bbh(Path(data_dir))
     elif task == "tydiqa":
         raise EvalError("tydiqa has no held-out split in LESS's data (only the 9 one-shot examples a selection"
                         " targets); give a JSONL file of prompt/answer records instead")
     elif task.endswith(".jsonl") or Path(task).is_file():
-        specs = _jsonl(Path(task), skip_invalid, skipped)
+        specs = _jsonl(Path(task), read.skip_invalid, skipped)
     else:
         raise EvalError(f"unknown task {task!r}: give {' or '.join(EVAL_TASKS)}, or a JSONL file of"
                         " prompt/answer records")
-    if subtasks:
-        wanted, have = set(subtasks), {s.subtask for s in specs}
+    if config.subtasks:
+        wanted, have = set(config.subtasks), {s.subtask for s in specs}
         if wanted - have:
             raise EvalError(f"{task}: no subtask {', '.join(sorted(wanted - have))}; it has "
                             f"{', '.join(sorted(have))}")
         specs = [s for s in specs if s.subtask in wanted]
-    specs = _round_robin(specs, limit or len(specs))
+    specs = _round_robin(specs, config.limit or len(specs))
     choices = tuple(tokenizer.encode(" " + c, add_special_tokens=False)[-1] for c in LETTERS)
     examples = []
     for spec in specs:
-        ex = _tokenize(spec, tokenizer, chat_format, max_length, choices)
+        ex = _tokenize(spec, tokenizer, read.chat_format, read.max_length, choices)
         if ex is None:
-            skipped.append(f"{spec.where}: longer than max_length {max_length} tokens")
+            skipped.append(f"{spec.where}: longer than max_length {read.max_length} tokens")
         else:
             examples.append(ex)
     return examples, skipped
@@ -318,7 +312,7 @@ def generate(model, tokenizer, example: EvalExample, max_new_tokens: int) -> str
     return text.split(_STOP, 1)[0]
 
 
-def evaluate(model, examples: Sequence[EvalExample], tokenizer=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+def evaluate(model, examples: Sequence[EvalExample], tokenizer=None, max_new_tokens: int = EvalConfig.max_new_tokens,
              progress: bool = True) -> Iterator[dict]:
     """One record per example: id, subtask, nll, n_answer_tokens, and `correct` (multiple choice)
     or `exact_match` and `prediction` (a target, a tokenizer and max_new_tokens > 0)."""
@@ -347,20 +341,21 @@ def summarize(records: Iterable[dict], task: str) -> list[dict]:
     return rows
 
 
-def evaluate_files(task: str, model_name: str, adapter: str | os.PathLike | None = None,
-                   data_dir: str | os.PathLike | None = None, dtype: str = "bf16", quant: str | None = None,
-                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, progress: bool = True, **options):
+def evaluate_files(task: str, source: ModelSource, adapter: str | os.PathLike | None = None,
+                   config: EvalConfig = EvalConfig(), read: ReadConfig = ReadConfig(), *,
+                   data_dir: str | os.PathLike | None = None, progress: bool = True):
     """Load the model (+ `adapter`: a LoRA folder or a `train` run), read the task, evaluate.
 
-    `options` are `load_eval_task`'s. Returns (per-example records, skipped lines).
+    `source` is a `qless.model.ModelSource`; `config` and `read` are `load_eval_task`'s.
+    Returns (per-example records, skipped lines).
     """
-    from qless.model import load_adapter, load_model, load_tokenizer
+    from qless.model import load_adapter, load_tokenizer
     from qless.train import final_adapter
 
-    tokenizer = load_tokenizer(model_name)
-    examples, skipped = load_eval_task(task, tokenizer, data_dir, **options)
+    tokenizer = load_tokenizer(source.name_or_path)
+    examples, skipped = load_eval_task(task, tokenizer, data_dir, config, read)
     folder = final_adapter(adapter) if adapter is not None else None
-    model = load_model(model_name, dtype=dtype, quant=quant)
+    model = source.load()
     if folder is not None:
         model = load_adapter(model, folder)
-    return list(evaluate(model, examples, tokenizer, max_new_tokens, progress)), skipped
+    return list(evaluate(model, examples, tokenizer, config.max_new_tokens, progress)), skipped

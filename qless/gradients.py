@@ -45,12 +45,12 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import ADAM_BETAS, ADAM_EPS
+from .config import IngestConfig
 from .data import IGNORE_INDEX
 from .model import disable_cpu_repacking
 from .optimizer_state import flatten_state, trainable_parameters
 
-# bergson's default; 1-2k tokens per batch was fastest on a 2-core CPU (benchmarks/bench_ingest.py).
-DEFAULT_TOKEN_BUDGET = 2048
+DEFAULT_TOKEN_BUDGET = IngestConfig.token_budget  # the ingest config owns the default
 DEFAULT_GRADIENT_BYTES = 512 << 20
 
 

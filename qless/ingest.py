@@ -24,16 +24,15 @@ from typing import Sequence
 import numpy as np
 
 import gradstore
-from gradstore.encodings import DEFAULT_ENCODINGS
 from gradstore.errors import SchemaMismatchError
 from gradstore.format import DATA_FILE
 
 from .checkpoint import Checkpoint, read_checkpoints
-from .data import DEFAULT_CHAT_FORMAT, DEFAULT_MAX_LENGTH
-from .gradients import DEFAULT_TOKEN_BUDGET, GradientComputer
+from .config import IngestConfig, ReadConfig
+from .gradients import GradientComputer
 from .model import ModelSource, load_adapter, lora_config_dict, reload_adapter
 from .optimizer_state import load_optimizer_state
-from .projection import DEFAULT_DIM, make_projection
+from .projection import make_projection
 
 # Rows whose gradients are computed together: a wider window buckets lengths better (less
 # padding) and costs only its projected vectors (32 KiB a row at 8192 dims) in memory.
@@ -99,17 +98,19 @@ def _check_fits(store: gradstore.Store, dim: int, projection: dict, model: dict,
 
 
 def ingest(store, examples: Sequence, set_name: str, checkpoints: Sequence[Checkpoint],
-           model_name: str, kind: str = "train", encodings: Sequence[str] = DEFAULT_ENCODINGS,
-           dim: int = DEFAULT_DIM, projection: str = "sparse-rademacher", seed: int = 0,
-           dtype: str = "bf16", quant: str | None = None, batch_size: int = 32,
-           token_budget: int = DEFAULT_TOKEN_BUDGET, shard: tuple[int, int] = (0, 1),
-           progress: bool = True) -> IngestReport:
+           source: ModelSource, config: IngestConfig = IngestConfig(), *, kind: str = "train",
+           shard: tuple[int, int] = (0, 1), progress: bool = True) -> IngestReport:
     """Write the projected gradients of `examples` at every checkpoint into the store.
 
     `store` is a path (the store is created there if absent, and closed at the end) or an open
-    writable `gradstore.Store` (left open). Train sets get LESS's Adam directions (the
-    checkpoint's optimizer state), task sets plain gradients. Returns what was written and
-    skipped.
+    writable `gradstore.Store` (left open); `source` is the base model the checkpoints' adapters
+    were trained on. Train sets (`kind`) get LESS's Adam directions (the checkpoint's optimizer
+    state), task sets plain gradients. `shard` (i, n): only the i-th of n contiguous slices of
+    `examples`. Returns what was written and skipped.
+
+    Example:
+        ingest("gradstore", examples, "train", read_checkpoints(["warmup/epoch-1"]),
+               ModelSource("smollm2-135m"), IngestConfig(dim=8192, token_budget=8192))
     """
     from tqdm import tqdm
 
@@ -119,7 +120,6 @@ def ingest(store, examples: Sequence, set_name: str, checkpoints: Sequence[Check
         raise ValueError("at least one checkpoint is needed")
     examples = shard_slice(list(examples), shard)
     report = IngestReport()
-    source = ModelSource(str(model_name), dtype, quant)
     given = store if isinstance(store, gradstore.Store) else None
     if given is not None and given.readonly:
         raise gradstore.ReadOnlyError(f"{given.path}: ingest needs the store open with readonly=False")
@@ -134,15 +134,16 @@ def ingest(store, examples: Sequence, set_name: str, checkpoints: Sequence[Check
                 model = reload_adapter(model, ckpt.path)
             state = load_optimizer_state(ckpt.path, model) if kind == "train" else None
             computer = GradientComputer(model, state, mode="adam" if kind == "train" else "sgd",
-                                        token_budget=token_budget, betas=ckpt.betas, eps=ckpt.eps)
-            spec = {"kind": projection, "seed": seed, "dim": dim, "input_dim": computer.dim}
+                                        token_budget=config.token_budget, betas=ckpt.betas, eps=ckpt.eps)
+            spec = {"kind": config.projection, "seed": config.seed, "dim": config.dim,
+                    "input_dim": computer.dim}
             if store is None:
                 identity = (make_projection(spec).spec(), source.identity(), lora_config_dict(model))
                 if given is not None:
-                    _check_fits(given, dim, *identity)
+                    _check_fits(given, config.dim, *identity)
                     store = given
                 else:
-                    store = open_or_create(store_path, dim, *identity)
+                    store = open_or_create(store_path, config.dim, *identity)
             project = make_projection(store.meta["projection"])
             if project.input_dim != computer.dim:
                 raise SchemaMismatchError(
@@ -173,9 +174,9 @@ def ingest(store, examples: Sequence, set_name: str, checkpoints: Sequence[Check
                 report.no_response += len(window) - len(vectors)
                 bar.update(len(window) - len(vectors))
                 keep = [i for i in range(len(window)) if i in vectors]
-                for b in range(0, len(keep), batch_size):
-                    rows = keep[b:b + batch_size]
-                    report.written += _write(store, set_name, ckpt.name, kind, encodings,
+                for b in range(0, len(keep), config.batch_size):
+                    rows = keep[b:b + config.batch_size]
+                    report.written += _write(store, set_name, ckpt.name, kind, config.encodings,
                                              [window[i] for i in rows], [vectors[i] for i in rows], report)
             bar.close()
             del computer, state
@@ -195,40 +196,41 @@ def _write(store, set_name, ckpt_name, kind, encodings, batch, vectors, report) 
     return n
 
 
-def ingest_files(store_path, checkpoint_dirs: Sequence[str], model_name: str, data: Sequence[str] = (),
-                 set_name: str = "train", task: str | None = None, data_dir: str | None = None,
-                 lrs: Sequence[float] | None = None, max_length: int = DEFAULT_MAX_LENGTH,
-                 skip_invalid: bool = False, chat_format: str = DEFAULT_CHAT_FORMAT,
-                 ray_workers: int = 0, **options):
+def ingest_files(store_path, checkpoint_dirs: Sequence[str], source: ModelSource,
+                 config: IngestConfig = IngestConfig(), *, data: Sequence[str] = (), set_name: str = "train",
+                 task: str | None = None, data_dir: str | None = None, lrs: Sequence[float] | None = None,
+                 read: ReadConfig = ReadConfig(), shard: tuple[int, int] = (0, 1), ray_workers: int = 0,
+                 progress: bool = True):
     """Read a training pool (`data`) or a target task (`task`), then `ingest` it.
 
     A task is a built-in (mmlu, bbh, tydiqa from `data_dir`), a packaged demo task, or any name
-    with `data` naming its JSONL file; its set is named after the task. Pools and tasks use the
-    same `chat_format` so their gradients are comparable. `ray_workers` > 0: spread it over that
-    many Ray workers, `store_path` a folder of shard stores and their manifest
+    with `data` naming its JSONL file; its set is named after the task. Pools and tasks are read
+    with the same `read` settings so their gradients are comparable. `ray_workers` > 0: spread it
+    over that many Ray workers, `store_path` a folder of shard stores and their manifest
     (`qless.ray_ingest`). Returns the data read report (None for tasks) and the ingest report.
     """
+    from functools import partial
+
     from .data import read_pool
     from .model import load_tokenizer
     from .tasks import load_task
 
-    run = ingest
     if ray_workers:
-        from functools import partial
-
         from .ray_ingest import ingest_on_ray
 
         run = partial(ingest_on_ray, workers=ray_workers)
+    else:
+        run = partial(ingest, shard=shard, progress=progress)
     checkpoints = read_checkpoints(checkpoint_dirs, lrs)
-    tokenizer = load_tokenizer(model_name)
+    tokenizer = load_tokenizer(source.name_or_path)
     if task is not None:
         if len(data) > 1:
             raise ValueError(f"task {task!r}: give one --data file, not {len(data)}")
         examples = load_task(task, tokenizer, data_dir=data_dir, path=data[0] if data else None,
-                             max_length=max_length, chat_format=chat_format)
-        return None, run(store_path, examples, task, checkpoints, model_name, kind="task", **options)
+                             max_length=read.max_length, chat_format=read.chat_format)
+        return None, run(store_path, examples, task, checkpoints, source, config, kind="task")
     if not data:
         raise ValueError("give the training pool's JSONL files (--data) or a --task")
-    examples, read_report = read_pool(data, tokenizer, max_length=max_length, skip_invalid=skip_invalid,
-                                      chat_format=chat_format)
-    return read_report, run(store_path, examples, set_name, checkpoints, model_name, **options)
+    examples, read_report = read_pool(data, tokenizer, max_length=read.max_length,
+                                      skip_invalid=read.skip_invalid, chat_format=read.chat_format)
+    return read_report, run(store_path, examples, set_name, checkpoints, source, config)

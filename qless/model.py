@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from .config import LoraConfig
+
 log = logging.getLogger(__name__)
 
 BUILTIN = "smollm2-135m"
@@ -234,9 +236,9 @@ def lora_targets(target: str | list[str] | tuple[str, ...]) -> list[str]:
 
 def attach_lora(
     model,
-    r: int = 128,
-    alpha: float = 512,
-    dropout: float = 0.1,
+    r: int = LoraConfig.r,
+    alpha: float = LoraConfig.alpha,
+    dropout: float = LoraConfig.dropout,
     target: str | list[str] | tuple[str, ...] = "q,k,v,o",
     seed: int | None = 0,
 ):
@@ -245,9 +247,10 @@ def attach_lora(
     `seed` seeds torch before the adapters are initialized (LoRA A is random, B is zero), so the
     same call gives the same adapter; None leaves the global generator alone.
     """
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model
 
-    config = LoraConfig(
+    config = PeftLoraConfig(
         task_type=TaskType.CAUSAL_LM,
         inference_mode=False,
         r=r,

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-DEFAULT_DIM = 8192
+from .config import IngestConfig
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _C1 = np.uint64(0xBF58476D1CE4E5B9)
 _C2 = np.uint64(0x94D049BB133111EB)
@@ -67,7 +68,7 @@ class Projection(ABC):
 
     kind: str
 
-    def __init__(self, input_dim: int, dim: int = DEFAULT_DIM, seed: int = 0):
+    def __init__(self, input_dim: int, dim: int = IngestConfig.dim, seed: int = 0):
         if input_dim < 1 or dim < 1:
             raise ValueError(f"input_dim and dim must be positive, got {input_dim}, {dim}")
         if not 0 <= int(seed) < 2**63:
@@ -107,7 +108,7 @@ class SparseRademacher(Projection):
 
     kind = "sparse-rademacher"
 
-    def __init__(self, input_dim: int, dim: int = DEFAULT_DIM, seed: int = 0, nnz: int = 1):
+    def __init__(self, input_dim: int, dim: int = IngestConfig.dim, seed: int = 0, nnz: int = 1):
         super().__init__(input_dim, dim, seed)
         if not 1 <= nnz <= dim:
             raise ValueError(f"nnz must be in [1, dim], got {nnz}")
@@ -169,7 +170,7 @@ class DenseRademacher(Projection):
 
     kind = "dense-rademacher"
 
-    def __init__(self, input_dim: int, dim: int = DEFAULT_DIM, seed: int = 0,
+    def __init__(self, input_dim: int, dim: int = IngestConfig.dim, seed: int = 0,
                  chunk_rows: int | None = None, materialize: bool = False):
         super().__init__(input_dim, dim, seed)
         # ~32 MiB of float32 per materialized chunk by default; chunking never changes R.

@@ -19,25 +19,27 @@ from collections.abc import Sequence
 from gradstore.errors import GradstoreError
 from gradstore.sharded import MANIFEST, Shard, write_manifest
 
+from .config import IngestConfig
 from .ingest import IngestReport, ingest
 
 # Reruns of a shard whose worker was lost (a killed process, a node gone).
 MAX_RETRIES = 3
 
 
-def _ingest_shard(path: str, examples, shard: tuple[int, int], args: tuple, options: dict):
+def _ingest_shard(path: str, examples, shard: tuple[int, int], args: tuple, kind: str):
     """One worker: its shard into its own store. Returns (report, the node's address)."""
     import ray
 
-    report = ingest(path, examples, *args, shard=shard, **options)
+    # no progress bars: a worker's would only reach Ray's log files
+    report = ingest(path, examples, *args, kind=kind, shard=shard, progress=False)
     return report, ray.util.get_node_ip_address()
 
 
-def ingest_on_ray(out, examples: Sequence, set_name: str, checkpoints, model_name: str, workers: int,
-                  **options) -> IngestReport:
+def ingest_on_ray(out, examples: Sequence, set_name: str, checkpoints, source,
+                  config: IngestConfig = IngestConfig(), *, workers: int, kind: str = "train") -> IngestReport:
     """`ingest` over `workers` Ray workers into shard stores under the folder `out`, then
-    `out/manifest.json`. `options` are ingest's (kind, encodings, dim, ...). Starts a local Ray
-    instance unless one is running or RAY_ADDRESS names a cluster. Returns the summed report."""
+    `out/manifest.json`; the arguments are ingest's. Starts a local Ray instance unless one is
+    running or RAY_ADDRESS names a cluster. Returns the summed report."""
     try:
         import ray
     except ModuleNotFoundError:
@@ -49,11 +51,10 @@ def ingest_on_ray(out, examples: Sequence, set_name: str, checkpoints, model_nam
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     run = ray.remote(_ingest_shard).options(num_gpus=gpus, max_retries=MAX_RETRIES)
-    options = {**options, "progress": False}  # a worker's bars would only reach Ray's log files
     os.makedirs(out, exist_ok=True)
     paths = [os.path.join(os.path.realpath(out), f"shard-{i}") for i in range(workers)]
     shared = ray.put(list(examples))
-    refs = [run.remote(path, shared, (i, workers), (set_name, checkpoints, model_name), options)
+    refs = [run.remote(path, shared, (i, workers), (set_name, checkpoints, source, config), kind)
             for i, path in enumerate(paths)]
     results = ray.get(refs)
     write_manifest(os.path.join(out, MANIFEST), [Shard(p, node) for p, (_, node) in zip(paths, results)])

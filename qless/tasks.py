@@ -30,9 +30,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from qless.config import ReadConfig
 from qless.data import (
-    DEFAULT_CHAT_FORMAT,
-    DEFAULT_MAX_LENGTH,
     IGNORE_INDEX,
     DataError,
     Example,
@@ -332,7 +331,7 @@ def _tokenize_items(items, tokenizer, max_length, chat_format) -> list[Example]:
 
 
 def task_prompts(
-    name: str, data_dir: str | os.PathLike, tokenizer=None, chat_format: str = DEFAULT_CHAT_FORMAT
+    name: str, data_dir: str | os.PathLike, tokenizer=None, chat_format: str = ReadConfig.chat_format
 ) -> list[tuple[str, str, str]]:
     """(id, query, answer) text of a built-in task, before tokenization (for inspection)."""
     if name not in TASKS:
@@ -349,14 +348,14 @@ def load_task(
     tokenizer,
     data_dir: str | os.PathLike | None = None,
     path: str | os.PathLike | None = None,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    chat_format: str = DEFAULT_CHAT_FORMAT,
+    max_length: int = ReadConfig.max_length,
+    chat_format: str = ReadConfig.chat_format,
 ) -> list[Example]:
     """A target task's validation examples, each with ``subtask`` set.
 
     Built-ins (`TASKS`) need ``data_dir`` (LESS's layout, e.g. ``../shared/data``). With ``path``
     (or a name in `DEMO_TASKS`), the task is read from JSONL like a pool. ``chat_format`` defaults
-    to the pools' (`DEFAULT_CHAT_FORMAT`), so a pool and its tasks share one prompt format.
+    to the pools' (`ReadConfig.chat_format`), so a pool and its tasks share one prompt format.
 
     Example:
         mmlu = load_task("mmlu", tokenizer, data_dir="../shared/data")   # 285 examples

@@ -17,18 +17,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qless.checkpoint import CheckpointInfoError
-from qless.model import BUILTIN
+from qless.config import LoraConfig, ReadConfig, WarmupConfig
+from qless.model import ModelSource
 
 
-def train_files(data: Sequence[str], out_dir: str | os.PathLike, model_name: str = BUILTIN, **options):
+def train_files(data: Sequence[str], out_dir: str | os.PathLike, source: ModelSource = ModelSource(),
+                config: WarmupConfig = WarmupConfig(), *, lora: LoraConfig = LoraConfig(),
+                read: ReadConfig = ReadConfig(), progress: bool = True):
     """Fine-tune on every example of `data` (JSONL pools); returns (read report, checkpoint infos).
 
-    `options` are `qless.warmup.warmup_files`'s (r, alpha, dropout, dtype, quant, max_length,
-    chat_format, skip_invalid, seed) and `qless.warmup.warmup`'s (epochs, lr, grad_accum, ...).
+    The settings are the warmup's (`qless.warmup.warmup_files`), LESS's for both steps.
     """
     from qless.warmup import warmup_files
 
-    return warmup_files(data, out_dir, model_name, percentage=1.0, desc="train", **options)
+    return warmup_files(data, out_dir, source, config, lora=lora, read=read, percentage=1.0,
+                        progress=progress, desc="train")
 
 
 def final_adapter(path: str | os.PathLike) -> Path:

@@ -49,7 +49,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +65,9 @@ from qless.checkpoint import (
     read_checkpoint_info,
     warn_if_untrained,
 )
-from qless.data import DEFAULT_CHAT_FORMAT, DEFAULT_MAX_LENGTH, IGNORE_INDEX
-from qless.model import lora_config_dict
+from qless.config import SCHEDULERS, WARMUP_PERCENTAGE, LoraConfig, ReadConfig, WarmupConfig
+from qless.data import IGNORE_INDEX
+from qless.model import ModelSource, lora_config_dict
 from qless.optimizer_state import (
     load_optimizer_state,
     save_optimizer_state,
@@ -75,15 +76,13 @@ from qless.optimizer_state import (
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = ("linear", "cosine", "constant")
-# HF Trainer (TrainingArguments) defaults, which LESS's runs used.
 _NAME = re.compile(r"^epoch-(\d+)$")
 _TMP_PREFIX = ".epoch-"
 _TMP_MARK = ".tmp-"
 
 
 class WarmupError(ValueError):
-    "A warmup cannot start or resume: unusable examples, settings, or an incompatible folder."
+    "A warmup cannot start or resume: unusable examples or model, or an incompatible folder."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,31 +282,16 @@ class _Schedule:
     last_epoch: int  # the last epoch this call trains (stop_after_epoch)
 
     @classmethod
-    def of(cls, n: int, epochs: int, batch_size: int, grad_accum: int, max_steps: int | None,
-           warmup_ratio: float, stop_after_epoch: int | None) -> "_Schedule":
-        per_step = batch_size * grad_accum
+    def of(cls, n: int, config: WarmupConfig, stop_after_epoch: int | None) -> "_Schedule":
+        per_step = config.batch_size * config.grad_accum
         steps_per_epoch = math.ceil(n / per_step)
-        if max_steps is not None:
-            total, n_epochs = max_steps, math.ceil(max_steps / steps_per_epoch)
+        if config.max_steps is not None:
+            total, n_epochs = config.max_steps, math.ceil(config.max_steps / steps_per_epoch)
         else:
-            total, n_epochs = epochs * steps_per_epoch, epochs
+            total, n_epochs = config.epochs * steps_per_epoch, config.epochs
         last = n_epochs if stop_after_epoch is None else min(n_epochs, stop_after_epoch)
-        return cls(batch_size, per_step, total, n_epochs, warmup_steps_for(total, warmup_ratio), last)
-
-
-def _check_settings(scheduler: str, epochs, batch_size, grad_accum, max_steps, warmup_ratio,
-                    lr) -> None:
-    if scheduler not in SCHEDULERS:
-        raise WarmupError(f"scheduler must be one of {SCHEDULERS}, not {scheduler!r}")
-    for label, value in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum)):
-        if not isinstance(value, int) or value < 1:
-            raise WarmupError(f"{label} must be a positive integer, not {value!r}")
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-        raise WarmupError(f"max_steps must be a positive integer or None, not {max_steps!r}")
-    if not 0 <= warmup_ratio < 1:
-        raise WarmupError(f"warmup_ratio must be in [0, 1), not {warmup_ratio!r}")
-    if not lr > 0:
-        raise WarmupError(f"lr must be positive, not {lr!r}")
+        return cls(config.batch_size, per_step, total, n_epochs,
+                   warmup_steps_for(total, config.warmup_ratio), last)
 
 
 def _finished_epochs(root: Path, run: dict) -> list[dict]:
@@ -334,8 +318,7 @@ def _finished_epochs(root: Path, run: dict) -> list[dict]:
 
 
 def _train_epoch(model, examples: list, order: np.ndarray, optimizer, params, sched: _Schedule,
-                 lr: float, scheduler: str, max_grad_norm, step: int, device, on_step
-                 ) -> tuple[int, list[float], list[float]]:
+                 config: WarmupConfig, step: int, device, on_step) -> tuple[int, list[float], list[float]]:
     """One epoch's optimizer steps in `order` (stopping at the schedule's end):
     (the step reached, each step's lr, each step's loss)."""
     lrs: list[float] = []
@@ -344,7 +327,7 @@ def _train_epoch(model, examples: list, order: np.ndarray, optimizer, params, sc
         if step >= sched.total_steps:
             break
         chunk = [examples[j] for j in order[start:start + sched.per_step]]
-        lr_now = lr * lr_factor(step, sched.total_steps, sched.n_warmup, scheduler)
+        lr_now = config.lr * lr_factor(step, sched.total_steps, sched.n_warmup, config.scheduler)
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         optimizer.zero_grad(set_to_none=True)
@@ -353,8 +336,8 @@ def _train_epoch(model, examples: list, order: np.ndarray, optimizer, params, sc
             loss = example_losses(model, chunk[b:b + sched.batch_size], device).sum() / len(chunk)
             loss.backward()
             step_loss += float(loss.detach())
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for _, p in params], max_grad_norm)
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm)
         optimizer.step()
         step += 1
         lrs.append(lr_now)
@@ -367,20 +350,12 @@ def warmup(
     model,
     examples: Iterable,
     out_dir: str | os.PathLike,
-    epochs: int = 4,
-    lr: float = 2e-5,
-    warmup_ratio: float = 0.03,
-    batch_size: int = 1,
-    grad_accum: int = 32,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    scheduler: str = "linear",
-    max_grad_norm: float | None = 1.0,
-    progress: bool = True,
-    max_steps: int | None = None,
+    config: WarmupConfig = WarmupConfig(),
+    *,
+    source: ModelSource | None = None,
     stop_after_epoch: int | None = None,
+    progress: bool = True,
     desc: str = "warmup",
-    source=None,
 ) -> list[dict]:
     """Train the LoRA adapters of `model` (a peft model from `attach_lora`) on `examples`.
 
@@ -388,37 +363,33 @@ def warmup(
     (see `read_checkpoint_info`), in epoch order. A re-run in the same folder resumes after the
     last finished epoch (adapter, Adam state and schedule position), or returns at once when the
     run is complete; either way `model` ends holding the last checkpoint's adapter, in eval mode.
+    Each checkpoint records `config` with what the run derived from it; a re-run with another
+    config, other examples, another LoRA or (`source`) another base model is refused.
 
-    `max_steps` (as the Trainer's) sets the total number of optimizer steps instead of `epochs`;
-    the last checkpoint is then written where training stops, possibly mid-epoch.
+    `config.max_steps` ends the run where training stops, possibly mid-epoch.
     `stop_after_epoch` stops after that epoch of the same schedule (a run in pieces); a later
-    call without it carries on. `max_grad_norm` None or 0 turns clipping off. `desc` labels the
-    progress bar (`qless.train` runs this loop as LESS's step 4). `source` (a
-    `qless.model.ModelSource`) is what the base model was loaded from: the run records it, and
-    a re-run from another base model is refused.
+    call without it carries on. `desc` labels the progress bar (`qless.train` runs this loop as
+    LESS's step 4). `source` (a `qless.model.ModelSource`) is what the base model was loaded from.
 
     Example:
         source = ModelSource("smollm2-135m")
         model = attach_lora(source.load())
-        infos = warmup(model, sample_fraction(examples, 0.05), "out/warmup", source=source)
+        infos = warmup(model, sample_fraction(examples, 0.05), "out/warmup", WarmupConfig(epochs=2),
+                       source=source)
         [(i["name"], i["step"], i["lr"]) for i in infos]
     """
     from tqdm.auto import tqdm
 
     examples = list(examples)
-    _check_settings(scheduler, epochs, batch_size, grad_accum, max_steps, warmup_ratio, lr)
     params = trainable_parameters(model)
     if not params or not hasattr(model, "peft_config"):
         raise WarmupError("the model has no trainable LoRA parameters (attach_lora first)")
     n = len(examples)
-    sched = _Schedule.of(n, epochs, batch_size, grad_accum, max_steps, warmup_ratio, stop_after_epoch)
+    sched = _Schedule.of(n, config, stop_after_epoch)
     lora = lora_config_dict(model)
-    run = {
-        "epochs": sched.n_epochs, "max_steps": max_steps, "total_steps": sched.total_steps,
-        "lr": lr, "warmup_ratio": warmup_ratio, "warmup_steps": sched.n_warmup,
-        "scheduler": scheduler, "batch_size": batch_size, "grad_accum": grad_accum,
-        "weight_decay": weight_decay, "max_grad_norm": max_grad_norm or None,
-        "betas": list(ADAM_BETAS), "eps": ADAM_EPS, "seed": seed, "n_examples": n,
+    run = {  # the config as given, and what it means for these examples, model and optimizer
+        **asdict(config), "total_steps": sched.total_steps, "warmup_steps": sched.n_warmup,
+        "betas": list(ADAM_BETAS), "eps": ADAM_EPS, "n_examples": n,
         "examples_sha1": _check_examples(examples), "lora": lora,
         "model": source.record() if source is not None else None,
     }
@@ -427,7 +398,8 @@ def warmup(
 
     device = _model_device(model)
     optimizer = torch.optim.AdamW(
-        [p for _, p in params], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay
+        [p for _, p in params], lr=config.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
+        weight_decay=config.weight_decay
     )
     step = 0
     if done:
@@ -453,17 +425,16 @@ def warmup(
         with torch.random.fork_rng(devices=rng_devices):
             model.train()
             for epoch in range(start_epoch, sched.last_epoch + 1):
-                torch.manual_seed(_derive_seed(seed, epoch))
+                torch.manual_seed(_derive_seed(config.seed, epoch))
 
                 def on_step(loss: float, lr_now: float, epoch=epoch) -> None:
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr_now:.3g}", refresh=False)
 
-                step, lrs, losses = _train_epoch(model, examples, epoch_order(n, seed, epoch),
-                                                 optimizer, params, sched, lr, scheduler,
-                                                 max_grad_norm, step, device, on_step)
+                step, lrs, losses = _train_epoch(model, examples, epoch_order(n, config.seed, epoch),
+                                                 optimizer, params, sched, config, step, device, on_step)
                 lr_peak = max([lr_peak, *lrs])
-                info = _epoch_info(epoch, step, lrs, losses, lora, seed, n, sched.total_steps, run)
+                info = _epoch_info(epoch, step, lrs, losses, lora, config.seed, n, sched.total_steps, run)
                 folder = _write_checkpoint(root, info["name"], model, optimizer, info)
                 info["path"] = str(folder)
                 infos.append(info)
@@ -503,22 +474,25 @@ def _epoch_info(epoch: int, step: int, lrs: list[float], losses: list[float], lo
     }
 
 
-def warmup_files(data: Sequence[str], out_dir: str | os.PathLike, model_name: str = "smollm2-135m",
-                 percentage: float = 0.05, r: int = 128, alpha: float = 512, dropout: float = 0.1,
-                 dtype: str = "bf16", quant: str | None = None, max_length: int = DEFAULT_MAX_LENGTH,
-                 chat_format: str = DEFAULT_CHAT_FORMAT, skip_invalid: bool = False, seed: int = 0,
-                 **options):
-    """LESS step 1 from files: read the pool, sample `percentage` of it, train, checkpoint.
+def warmup_files(data: Sequence[str], out_dir: str | os.PathLike, source: ModelSource = ModelSource(),
+                 config: WarmupConfig = WarmupConfig(), *, lora: LoraConfig = LoraConfig(),
+                 read: ReadConfig = ReadConfig(), percentage: float = WARMUP_PERCENTAGE, progress: bool = True,
+                 desc: str = "warmup"):
+    """LESS step 1 from files: read the pool, sample `percentage` of it, attach LoRA, train.
 
-    Returns the data read report and the finished checkpoints' infos.
+    `config.seed` also draws the sample and initializes the adapters. Returns the data read
+    report and the finished checkpoints' infos.
+
+    Example:
+        report, infos = warmup_files(["pool.jsonl"], "out/warmup", ModelSource("smollm2-135m"),
+                                     WarmupConfig(epochs=2), lora=LoraConfig(r=8, alpha=32))
     """
     from .data import read_pool, sample_fraction
-    from .model import ModelSource, attach_lora, load_tokenizer
+    from .model import attach_lora, load_tokenizer
 
-    tokenizer = load_tokenizer(model_name)
-    examples, report = read_pool(data, tokenizer, max_length=max_length, skip_invalid=skip_invalid,
-                                 chat_format=chat_format)
-    source = ModelSource(str(model_name), dtype, quant)
-    model = attach_lora(source.load(), r=r, alpha=alpha, dropout=dropout, seed=seed)
-    return report, warmup(model, sample_fraction(examples, percentage, seed), out_dir, seed=seed,
-                          source=source, **options)
+    tokenizer = load_tokenizer(source.name_or_path)
+    examples, report = read_pool(data, tokenizer, max_length=read.max_length,
+                                 skip_invalid=read.skip_invalid, chat_format=read.chat_format)
+    model = attach_lora(source.load(), r=lora.r, alpha=lora.alpha, dropout=lora.dropout, seed=config.seed)
+    return report, warmup(model, sample_fraction(examples, percentage, config.seed), out_dir, config,
+                          source=source, progress=progress, desc=desc)

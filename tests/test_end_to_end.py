@@ -1,13 +1,16 @@
 """The whole pipeline through the CLI on a tiny random LLaMA with SmolLM2's tokenizer (slow)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
 
 import gradstore
 from gradstore_cli.main import cli
+from qless.config import IngestConfig, LoraConfig, ReadConfig
 from qless.demo import DemoSettings, run_demo
+from qless.model import ModelSource
 from qless.tasks import DEMO_POOL_FILE
 
 
@@ -63,7 +66,9 @@ def test_warmup_ingest_query_through_the_cli(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_a_tiny_model(tiny_model, tmp_path):
     lines = []
-    settings = DemoSettings(model=tiny_model, lora_r=4, lora_alpha=16, epochs=1, max_length=256, dim=256)
+    settings = DemoSettings(source=ModelSource(tiny_model), read=ReadConfig(max_length=256),
+                            lora=LoraConfig(r=4, alpha=16), warmup=replace(DemoSettings().warmup, epochs=1),
+                            ingest=IngestConfig(dim=256))
     reports = run_demo(tmp_path / "demo", settings, echo=lines.append, progress=False)
     assert [r.task for r in reports] == ["demo-mmlu", "demo-bbh", "demo-tydiqa"]
     for rep in reports:

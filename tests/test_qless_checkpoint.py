@@ -7,6 +7,7 @@ import pytest
 from test_qless_warmup import QUICK, make_examples, tiny_lora
 
 from qless.checkpoint import ADAM_BETAS, ADAM_EPS, INFO_FILE, Checkpoint, CheckpointInfoError, read_checkpoints
+from qless.config import WarmupConfig
 from qless.warmup import warmup
 
 
@@ -66,7 +67,8 @@ def test_a_trainer_checkpoint_without_logged_lrs_is_refused(tmp_path):
 def test_a_one_step_warmup_says_lora_b_never_moved_and_ingest_warns_again(tmp_path, caplog):
     # 4 examples at 32 per step: one optimizer step, at the schedule's first lr, 0
     with caplog.at_level(logging.WARNING, "qless.checkpoint"):
-        (info,) = warmup(tiny_lora(), make_examples(4), tmp_path, epochs=1, grad_accum=32, **QUICK)
+        (info,) = warmup(tiny_lora(), make_examples(4), tmp_path,
+                         WarmupConfig(epochs=1, grad_accum=32), **QUICK)
         (ckpt,) = read_checkpoints([info["path"]])
     assert info["lr"] == 0.0 and ckpt.lr == 0.0
     said = (f"{tmp_path / 'epoch-1'}: LoRA B is still all zero{{}}, so every lora_A gradient is exactly"
@@ -78,6 +80,7 @@ def test_a_one_step_warmup_says_lora_b_never_moved_and_ingest_warns_again(tmp_pa
 
 def test_a_warmup_that_moved_says_nothing(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, "qless.checkpoint"):
-        (info,) = warmup(tiny_lora(), make_examples(4), tmp_path, epochs=1, grad_accum=2, **QUICK)
+        (info,) = warmup(tiny_lora(), make_examples(4), tmp_path,
+                         WarmupConfig(epochs=1, grad_accum=2), **QUICK)
         read_checkpoints([info["path"]])
     assert info["lr"] > 0 and caplog.messages == []

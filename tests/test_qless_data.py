@@ -673,20 +673,19 @@ def test_pools_tasks_and_stages_share_one_prompt_format_and_max_length(tok, tmp_
 
     from gradstore_cli.main import cli
 
-    from qless.data import DEFAULT_CHAT_FORMAT, DEFAULT_MAX_LENGTH, encode_record
-    from qless.ingest import ingest_files
+    from qless.config import ReadConfig
+    from qless.data import encode_record
     from qless.tasks import task_prompts
-    from qless.warmup import warmup_files
 
-    assert (DEFAULT_CHAT_FORMAT, DEFAULT_MAX_LENGTH) == ("tulu", 2048)  # LESS's
-    for fn in (read_pool, iter_pool, encode_record, load_task, task_prompts, ingest_files, warmup_files):
+    assert (ReadConfig.chat_format, ReadConfig.max_length) == ("tulu", 2048)  # LESS's
+    for fn in (read_pool, iter_pool, encode_record, load_task, task_prompts):
         params = inspect.signature(fn).parameters
-        assert params["chat_format"].default == DEFAULT_CHAT_FORMAT, fn.__name__
+        assert params["chat_format"].default == ReadConfig.chat_format, fn.__name__
         if "max_length" in params:
-            assert params["max_length"].default == DEFAULT_MAX_LENGTH, fn.__name__
-    for command in ("warmup", "ingest"):
+            assert params["max_length"].default == ReadConfig.max_length, fn.__name__
+    for command in ("warmup", "train", "ingest", "eval"):
         defaults = {p.name: p.default for p in cli.commands[command].params}
-        assert (defaults["chat_format"], defaults["max_length"]) == (DEFAULT_CHAT_FORMAT, DEFAULT_MAX_LENGTH)
+        assert (defaults["chat_format"], defaults["max_length"]) == (ReadConfig.chat_format, ReadConfig.max_length)
     (pool,), _ = read_pool(write_jsonl(tmp_path / "a.jsonl", [{"messages": msgs(("u", "Hi"), ("a", "Yo"))}]), tok)
     task = load_task("demo-mmlu", tok)[0]
     assert full_text(tok, pool) == "<|user|>\nHi\n<|assistant|>\nYo<|im_end|>\n"

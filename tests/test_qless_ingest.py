@@ -1,6 +1,7 @@
 """Ingest on a tiny random LLaMA: vectors equal the direct computation; resume; shards; refusals."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,10 +10,11 @@ import torch
 import gradstore
 from gradstore.errors import SchemaMismatchError
 from qless.checkpoint import Checkpoint
+from qless.config import IngestConfig
 from qless.data import Example
 from qless.gradients import GradientComputer
 from qless.ingest import ingest, parse_shard, shard_slice
-from qless.model import attach_lora, load_adapter, load_model
+from qless.model import ModelSource, attach_lora, load_adapter, load_model
 from qless.optimizer_state import load_optimizer_state, save_optimizer_state
 from qless.projection import make_projection
 
@@ -45,6 +47,10 @@ def tiny(tmp_path_factory):
     return root / "model", ckpts
 
 
+def fp32(model_dir) -> ModelSource:
+    return ModelSource(str(model_dir), "fp32")
+
+
 def examples(n, seed=0, prefix="ex"):
     rng = np.random.default_rng(seed)
     out = []
@@ -59,8 +65,8 @@ def examples(n, seed=0, prefix="ex"):
 def test_vectors_equal_the_direct_computation(tiny, tmp_path):
     model_dir, ckpts = tiny
     pool = examples(7)
-    report = ingest(tmp_path / "s", pool, "train", ckpts, str(model_dir), dim=64, dtype="fp32",
-                    encodings=("f32", "sign1"), batch_size=3, progress=False)
+    report = ingest(tmp_path / "s", pool, "train", ckpts, fp32(model_dir),
+                    IngestConfig(encodings=("f32", "sign1"), dim=64, batch_size=3), progress=False)
     assert report.written == 14 and report.no_response == 0
     with gradstore.open(tmp_path / "s") as store:
         assert store.ids("train") == [e.id for e in pool]
@@ -79,8 +85,8 @@ def test_vectors_equal_the_direct_computation(tiny, tmp_path):
 def test_task_sets_get_plain_gradients_and_subtasks(tiny, tmp_path):
     model_dir, ckpts = tiny
     vals = examples(5, seed=1, prefix="v")
-    ingest(tmp_path / "s", vals, "toy-task", ckpts[:1], str(model_dir), kind="task", dim=64,
-           dtype="fp32", encodings=("f32",), progress=False)
+    ingest(tmp_path / "s", vals, "toy-task", ckpts[:1], fp32(model_dir),
+           IngestConfig(encodings=("f32",), dim=64), kind="task", progress=False)
     with gradstore.open(tmp_path / "s") as store:
         assert store.set_info("toy-task")["subtasks"] == ["s0", "s1", "s2"]
         project = make_projection(store.meta["projection"])
@@ -93,9 +99,8 @@ def test_task_sets_get_plain_gradients_and_subtasks(tiny, tmp_path):
 def test_killed_ingest_resumes_to_the_same_store(tiny, tmp_path, monkeypatch):
     model_dir, ckpts = tiny
     pool = examples(8)
-    args = dict(set_name="train", checkpoints=ckpts, model_name=str(model_dir), dim=64, dtype="fp32",
-                encodings=("f32",), batch_size=3, progress=False)
-    ingest(tmp_path / "full", pool, **args)
+    args = ("train", ckpts, fp32(model_dir), IngestConfig(encodings=("f32",), dim=64, batch_size=3))
+    ingest(tmp_path / "full", pool, *args, progress=False)
 
     real_write = gradstore.Store.write
     calls = {"n": 0}
@@ -108,11 +113,11 @@ def test_killed_ingest_resumes_to_the_same_store(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(gradstore.Store, "write", dying_write)
     with pytest.raises(KeyboardInterrupt):
-        ingest(tmp_path / "killed", pool, **args)
+        ingest(tmp_path / "killed", pool, *args, progress=False)
     monkeypatch.setattr(gradstore.Store, "write", real_write)
     with gradstore.open(tmp_path / "killed") as store:
         assert store.n_rows("train", ["epoch-1"]) == 8 and store.n_rows("train", ["epoch-2"]) == 0
-    report = ingest(tmp_path / "killed", pool, **args)
+    report = ingest(tmp_path / "killed", pool, *args, progress=False)
     assert report.already_stored == 8 and report.written == 8
     with gradstore.open(tmp_path / "full") as a, gradstore.open(tmp_path / "killed") as b:
         for c in ("epoch-1", "epoch-2"):
@@ -123,30 +128,30 @@ def test_no_response_examples_are_skipped_and_counted(tiny, tmp_path):
     model_dir, ckpts = tiny
     pool = examples(4)
     pool[1] = Example("empty", pool[1].input_ids, [-100] * 10, "/x", 0, 1, None, {})
-    report = ingest(tmp_path / "s", pool, "train", ckpts[:1], str(model_dir), dim=64, dtype="fp32",
-                    encodings=("sign1",), progress=False)
+    report = ingest(tmp_path / "s", pool, "train", ckpts[:1], fp32(model_dir),
+                    IngestConfig(encodings=("sign1",), dim=64), progress=False)
     assert report.no_response == 1 and report.written == 3
     assert "1 skipped: no response tokens" in report.summary()
 
 
 def test_a_different_projection_is_refused(tiny, tmp_path):
     model_dir, ckpts = tiny
-    ingest(tmp_path / "s", examples(2), "train", ckpts[:1], str(model_dir), dim=64, dtype="fp32",
-           encodings=("sign1",), progress=False)
+    config = IngestConfig(encodings=("sign1",), dim=64)
+    ingest(tmp_path / "s", examples(2), "train", ckpts[:1], fp32(model_dir), config, progress=False)
     with pytest.raises(SchemaMismatchError, match="the store's dim is 64, this ingest's is 128"):
-        ingest(tmp_path / "s", examples(2), "train", ckpts[:1], str(model_dir), dim=128, dtype="fp32",
-               encodings=("sign1",), progress=False)
+        ingest(tmp_path / "s", examples(2), "train", ckpts[:1], fp32(model_dir), replace(config, dim=128),
+               progress=False)
 
 
 def test_ingest_into_an_open_store_leaves_it_open_and_equals_a_path_ingest(tiny, tmp_path):
     model_dir, ckpts = tiny
     pool = examples(5)
-    opts = dict(dim=64, dtype="fp32", encodings=("f32",), progress=False)
-    ingest(tmp_path / "by-path", pool, "train", ckpts, str(model_dir), **opts)
+    args = ("train", ckpts, fp32(model_dir), IngestConfig(encodings=("f32",), dim=64))
+    ingest(tmp_path / "by-path", pool, *args, progress=False)
     with gradstore.open(tmp_path / "by-path") as made:
         with gradstore.create(tmp_path / "open", dim=64, projection=made.meta["projection"],
                               model=made.meta["model"], lora=made.meta["lora"]) as store:
-            report = ingest(store, pool, "train", ckpts, str(model_dir), **opts)
+            report = ingest(store, pool, *args, progress=False)
             assert report.written == 10
             store.write("extra", "epoch-1", np.ones((1, 64), np.float32), ["x"], encodings=("f32",))
             for c in ckpts:  # still open, and the same vectors as the path ingest wrote
@@ -154,10 +159,10 @@ def test_ingest_into_an_open_store_leaves_it_open_and_equals_a_path_ingest(tiny,
                                               made.vectors("train", c.name, "f32"))
     with gradstore.open(tmp_path / "by-path") as ro, pytest.raises(
             gradstore.ReadOnlyError, match="ingest needs the store open with readonly=False"):
-        ingest(ro, pool, "train", ckpts, str(model_dir), **opts)
+        ingest(ro, pool, *args, progress=False)
     other = gradstore.create(tmp_path / "other", dim=64, projection={"kind": "sparse-rademacher", "seed": 9})
     with other, pytest.raises(SchemaMismatchError, match="the store's projection is"):
-        ingest(other, pool, "train", ckpts, str(model_dir), **opts)
+        ingest(other, pool, *args, progress=False)
 
 
 def test_shards_are_contiguous_and_cover_everything(monkeypatch):
@@ -194,14 +199,13 @@ def test_ingest_on_two_ray_workers_equals_one_process_row_for_row(tiny, tmp_path
 
     model_dir, ckpts = tiny
     pool = examples(9)
-    args = dict(set_name="train", checkpoints=ckpts, model_name=str(model_dir), dim=64, dtype="fp32",
-                encodings=("f32", "sign1"), batch_size=3)
-    ingest(tmp_path / "one", pool, progress=False, **args)
+    args = ("train", ckpts, fp32(model_dir), IngestConfig(encodings=("f32", "sign1"), dim=64, batch_size=3))
+    ingest(tmp_path / "one", pool, *args, progress=False)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        report = ingest_on_ray(tmp_path / "shards", pool, workers=2, **args)
+        report = ingest_on_ray(tmp_path / "shards", pool, *args, workers=2)
         assert report.written == 18 and report.already_stored == 0
-        again = ingest_on_ray(tmp_path / "shards", pool, workers=2, **args)  # resumes: nothing to do
+        again = ingest_on_ray(tmp_path / "shards", pool, *args, workers=2)  # resumes: nothing to do
         assert again.written == 0 and again.already_stored == 18
     finally:
         ray.shutdown()

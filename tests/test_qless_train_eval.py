@@ -12,6 +12,7 @@ from gradstore_cli.main import cli
 from safetensors.torch import load_file
 from test_qless_warmup import _one_thread, tiny_base  # noqa: F401 (_one_thread: autouse)
 
+from qless.config import EvalConfig, ReadConfig
 from qless.data import DataError
 from qless.evaluate import (
     EvalError,
@@ -121,7 +122,7 @@ def _mmlu_dir(root, n_test=3, other_subject=True):
 
 def test_mmlu_is_the_test_split_with_k_dev_shots(tmp_path, tok):
     data = _mmlu_dir(tmp_path)
-    examples, skipped = load_eval_task("mmlu", tok, data, k_shot=2)
+    examples, skipped = load_eval_task("mmlu", tok, data, EvalConfig(k_shot=2))
     assert not skipped
     # Round robin over the sorted subjects; test questions only, never dev ones.
     assert [e.id for e in examples] == ["mmlu/toy_subject/0", "mmlu/zz_other/0", "mmlu/toy_subject/1",
@@ -138,18 +139,20 @@ def test_mmlu_is_the_test_split_with_k_dev_shots(tmp_path, tok):
     assert examples[2].input_ids[examples[2].n_prompt] == first.choices[1]  # test question 1: B
     assert first.meta == {"k_shot": 2}
 
-    limited, _ = load_eval_task("mmlu", tok, data, k_shot=2, limit=3, subtasks=[SUBJECT])
+    limited, _ = load_eval_task("mmlu", tok, data, EvalConfig(k_shot=2, limit=3, subtasks=[SUBJECT]))
     assert [e.id for e in limited] == ["mmlu/toy_subject/0", "mmlu/toy_subject/1", "mmlu/toy_subject/2"]
     # Fewer shots when the prompt does not fit (open-instruct); none at all: left out and listed.
-    zero_len, one_len = (len(load_eval_task("mmlu", tok, data, k_shot=k, limit=1)[0][0].input_ids) for k in (0, 1))
-    fit, _ = load_eval_task("mmlu", tok, data, k_shot=5, limit=1, max_length=one_len)
+    zero_len, one_len = (len(load_eval_task("mmlu", tok, data, EvalConfig(k_shot=k, limit=1))[0][0].input_ids)
+                         for k in (0, 1))
+    five = EvalConfig(k_shot=5, limit=1)
+    fit, _ = load_eval_task("mmlu", tok, data, five, ReadConfig(max_length=one_len))
     assert fit[0].meta == {"k_shot": 1}
-    none, skipped = load_eval_task("mmlu", tok, data, k_shot=5, limit=1, max_length=zero_len - 1)
+    none, skipped = load_eval_task("mmlu", tok, data, five, ReadConfig(max_length=zero_len - 1))
     assert none == [] and skipped[0].endswith(f"longer than max_length {zero_len - 1} tokens")
     assert "toy_subject_test.csv:1" in skipped[0]
 
     with pytest.raises(EvalError, match="no subtask nope"):
-        load_eval_task("mmlu", tok, data, subtasks=["nope"])
+        load_eval_task("mmlu", tok, data, EvalConfig(subtasks=["nope"]))
     with pytest.raises(TaskDataError, match="eval/mmlu/test"):
         load_eval_task("mmlu", tok, tmp_path / "missing")
     with pytest.raises(EvalError, match="tydiqa has no held-out split"):
@@ -188,7 +191,7 @@ def test_jsonl_task_and_its_bad_lines(tmp_path, tok):
     bad.write_text(json.dumps({"prompt": "x", "answer": "y"}) + "\n" + json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(DataError, match=rf"^{bad}:2: expected a string 'prompt' and a non-empty string 'answer'$"):
         load_eval_task(str(bad), tok)
-    kept, skipped = load_eval_task(str(bad), tok, skip_invalid=True)
+    kept, skipped = load_eval_task(str(bad), tok, read=ReadConfig(skip_invalid=True))
     assert len(kept) == 1 and skipped == [f"{bad}:2: expected a string 'prompt' and a non-empty string 'answer'"]
     result = CliRunner().invoke(cli, ["eval", "--task", str(bad), "-s"])
     assert result.exit_code == 1
@@ -280,10 +283,13 @@ def test_train_resumes_after_an_interruption(tiny_model, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["train", "--data", "{data}", "--out", "{tmp}/r", "--epochs", "0"], "Invalid value for '--epochs'"),
+    (["train", "--data", "{data}", "--out", "{tmp}/r", "--epochs", "0"],
+     "Invalid value for '--epochs': WarmupConfig.epochs must be >= 1, got 0"),
+    (["train", "--data", "{data}", "--out", "{tmp}/r", "--lora-dropout", "1"],
+     "Invalid value for '--lora-dropout': LoraConfig.dropout must be in [0, 1), got 1.0"),
     (["train", "--data", "{data}", "--out", "{tmp}/r", "--lr", "-1"], "Invalid value for '--lr'"),
     (["eval", "--task", "mmlu"], "--task mmlu needs --data-dir"),
-    (["eval", "--task", "{data}", "--limit", "0"], "Invalid value for '--limit'"),
+    (["eval", "--task", "{data}", "--limit", "0"], "Invalid value for '--limit': EvalConfig.limit must be >= 1, got 0"),
     (["eval", "--task", "{data}", "--max-new-tokens", "-1"], "Invalid value for '--max-new-tokens'"),
     (["eval", "--task", "{data}", "--adapter", "{tmp}/none"], "Invalid value for '--adapter'"),
 ])
