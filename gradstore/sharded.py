@@ -1,24 +1,29 @@
 """A sharded store: shard stores listed in a manifest, queried in place.
 
-`open_sharded(manifest)` opens every shard read-only and checks them as `merge` would (same dim,
-projection, model, LoRA config, one lr per checkpoint, the same encodings; the same messages),
-plus what querying in place needs: every shard holds the same checkpoints and no id is in two
-shards. It then answers queries as the store `merge` would build from the shards in manifest
-order: a set's rows are the shards' rows one after the other, so row numbers, ids, scores and
-ties (the lower row wins: shard order, then row) are the merged store's.
+`open_sharded(manifest)` starts a worker per shard, where the shard is (a Ray actor on its node,
+or a thread here), and never opens a shard itself: each worker opens its shard read-only and
+describes it (`merge.describe`: meta, checkpoints with lr, per set its record and ids), and the
+driver checks those descriptions with merge's own checks and messages (same dim, projection,
+model, LoRA config, one lr per checkpoint, the same encodings), plus what querying in place
+needs: every shard holds the same checkpoints and no id is in two shards. It then answers
+queries as the store `merge` would build from the shards in manifest order: a set's rows are
+the shards' rows one after the other, so row numbers, ids, scores and ties (the lower row wins:
+shard order, then row) are the merged store's.
 
-A query is planned once, on the whole (TOP p% counts the rows of every shard, a WHERE-filtered
-percentage the rows that pass in every shard), then fanned out: each shard runs a stage over its
+A query is planned once, on the whole, from the descriptions (TOP p% counts the rows of every
+shard; a WHERE-filtered percentage is the sum of the shards' counts of the rows that pass; task
+rows come from the shards that hold them), then fanned out: each shard runs a stage over its
 own rows under one snapshot and returns its best (row numbers and scores, never vectors), and
 the driver keeps the best of those. A two-stage plan takes two rounds, so that the rerank sees
 the merged store's shortlist: every shard returns its first-stage best `keep`, the driver keeps
 the global shortlist, and each shard reranks only its rows of it. `SCORE` returns every shard's
-scores in row order.
+scores in row order. The selected rows' metadata (and `rows`, `rows_at`, `read`, `vectors`)
+comes from the workers too.
 
 Shards run on a thread pool in this process (the default), or on Ray actors (`ray=True`;
 `pip install 'gradstore[ray]'`), one per shard, placed on the node its manifest entry names
 (else on the driver's node), each keeping its shard's LMDB environment open between queries.
-The driver opens every shard too (to check and plan), so it must see their paths.
+On Ray the driver needs no access to the shards' files: only the actors read them.
 
 Centered encodings are scored per shard against that shard's centroid (each shard froze its
 own, which is why `merge` cannot combine their rows); with a shared centroid the scores equal
@@ -45,7 +50,7 @@ import numpy as np
 from . import quant
 from .errors import DuplicateIdError, GradstoreError, SchemaMismatchError, UnknownNameError
 from .format import rows_in_every
-from .ops.merge import _merge_plan
+from .ops.merge import StoreDescription, _merge_plan, describe
 from .query import run
 from .query.executor import Result, _TopK, in_row_order, run_stage, stage_scorers
 from .query.planner import Plan
@@ -121,7 +126,7 @@ def write_manifest(path, shards: list[Shard]) -> None:
 def open_sharded(manifest, ray: bool = False) -> ShardedStore:
     """Open the shard stores a manifest lists as one read-only store (see the module docstring).
 
-    `ray`: run each shard's scans on a Ray actor (starts a local Ray instance unless one is
+    `ray`: run each shard's side on a Ray actor (starts a local Ray instance unless one is
     running or RAY_ADDRESS names a cluster); default: a thread pool in this process.
     """
     return ShardedStore(manifest, read_manifest(manifest), ray)
@@ -130,35 +135,37 @@ def open_sharded(manifest, ray: bool = False) -> ShardedStore:
 class ShardedStore:
     """Shard stores read as the one store merging them in manifest order would be.
 
-    Offers what the planner and readers use: `sets`, `set_info`, `checkpoints`, `n_rows`,
-    `rows`, `iter_rows`, `ids`, `rows_at`, `read`, `vectors`, `query`.
+    Knows them only by what their workers report: `descriptions` (merge's, one per shard, in
+    manifest order) for the checks and the planner; rows, task rows and vectors are asked of
+    the workers. Offers what the planner and readers use: `sets`, `set_info`, `checkpoints`,
+    `n_rows`, `n_passing`, `rows`, `ids`, `rows_at`, `read`, `vectors`, `query`.
     """
 
     def __init__(self, manifest, shards: list[Shard], ray: bool = False):
         self.path = os.fspath(manifest)
         self.shards = shards
-        self.stores = []
+        self._workers = None
         self._infos: dict[str, dict] = {}
         try:
-            for s in shards:
-                self.stores.append(open_store(s.path))
-            self._plan = _merge_plan(self.stores)
-            self._check_shardable()
-            self.meta = self.stores[0].meta
             self._workers = _RayWorkers(shards) if ray else _LocalWorkers(shards)
+            self.descriptions = self._workers.call("describe", list(range(len(shards))), ())
+            self._plan = _merge_plan(self.descriptions)
+            self._check_shardable()
         except BaseException:
             self.close()
             raise
+        self.meta = self.descriptions[0].meta
 
     def _check_shardable(self) -> None:
         """Beyond merge's checks: the same checkpoints everywhere, and no id in two shards."""
-        first = self.stores[0]
-        for st in self.stores[1:]:
-            if st.checkpoint_names() != first.checkpoint_names():
+        first, *rest = self.descriptions
+        names = [c["name"] for c in first.checkpoints]
+        for d in rest:
+            theirs = [c["name"] for c in d.checkpoints]
+            if theirs != names:
                 raise SchemaMismatchError(
-                    f"cannot shard: checkpoints differ: {first.path} has"
-                    f" {', '.join(first.checkpoint_names()) or 'none'}, {st.path} has"
-                    f" {', '.join(st.checkpoint_names()) or 'none'}")
+                    f"cannot shard: checkpoints differ: {first.path} has {', '.join(names) or 'none'},"
+                    f" {d.path} has {', '.join(theirs) or 'none'}")
         for name, p in self._plan["sets"].items():
             owner: dict[str, str] = {}
             for path, ids in p.get("src_ids", {}).items():
@@ -170,13 +177,9 @@ class ShardedStore:
 
     # ---- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
-        workers = getattr(self, "_workers", None)
-        if workers is not None:
-            workers.close()
+        if self._workers is not None:
+            self._workers.close()
             self._workers = None
-        for st in self.stores:
-            st.close()
-        self.stores = []
 
     def __enter__(self) -> ShardedStore:
         return self
@@ -212,27 +215,18 @@ class ShardedStore:
         """The merged set's record: kind, n_rows, written per checkpoint, encodings, subtasks."""
         p = self._set(set_name)
         if set_name not in self._infos:
-            layouts = {}
-            for st in self.stores:
-                if set_name in st.sets():
-                    layouts.update(st.set_info(set_name)["encodings"])
-            subtasks = (r["subtask"] for r in p["ids"].values() if r["subtask"] is not None)
+            records = [d.sets[set_name] for d in self.descriptions if set_name in d.sets]
+            layouts = {e: layout for rec in records for e, layout in rec["encodings"].items()}
             self._infos[set_name] = {
                 "kind": p["kind"], "n_rows": len(p["ids"]),
                 "written": {c: sum(w for _, w in parts) for c, parts in p["parts"].items()},
                 "encodings": {e: layouts[e] for e in p["encodings"] + p["global"]},
-                "subtasks": list(dict.fromkeys(subtasks))}
+                "subtasks": list(dict.fromkeys(s for rec in records for s in rec["subtasks"]))}
         return self._infos[set_name]
 
     def n_rows(self, set_name: str, checkpoints=None) -> int:
         written = self.set_info(set_name)["written"]
         return rows_in_every(written, checkpoints if checkpoints is not None else list(written))
-
-    def rows(self, set_name: str) -> list[dict]:
-        return list(self._set(set_name)["ids"].values())
-
-    def iter_rows(self, set_name: str):
-        yield from self._set(set_name)["ids"].values()
 
     def ids(self, set_name: str) -> list[str]:
         return list(self._set(set_name)["ids"])
@@ -240,36 +234,55 @@ class ShardedStore:
     def _spans(self, set_name: str) -> list[tuple[int, int, int]]:
         """(shard index, first merged row, rows) of each shard holding the set, in order."""
         p, spans, start = self._set(set_name), [], 0
-        for i, st in enumerate(self.stores):
-            n = len(p.get("src_ids", {}).get(st.path, ()))
+        for i, d in enumerate(self.descriptions):
+            n = len(p.get("src_ids", {}).get(d.path, ()))
             if n:
                 spans.append((i, start, n))
                 start += n
         return spans
 
+    def _ask(self, shards: list[int], method: str, *args, each: list | None = None) -> list:
+        """store.method(*args[, each[j]]) of shard shards[j], on its worker; answers in order."""
+        return self._workers.call("ask", shards, (method, *args), each)
+
     def rows_at(self, set_name: str, rows) -> list[dict]:
-        """Row metadata for merged row numbers, in the order given."""
+        """Row metadata for merged row numbers, in the order given (from the shards holding them)."""
         spans = self._spans(set_name)
-        starts = np.array([s for _, s, _ in spans], np.int64)
         rows = np.asarray(rows, np.int64)
-        which = np.searchsorted(starts, rows, side="right") - 1
-        out: list[dict | None] = [None] * len(rows)
+        which = np.searchsorted([start for _, start, _ in spans], rows, side="right") - 1
+        asked = []  # (shard, where its rows stand in `rows`, its first merged row)
         for j, (i, start, _) in enumerate(spans):
-            picked = np.flatnonzero(which == j)
-            if len(picked):
-                for at, rec in zip(picked, self.stores[i].rows_at(set_name, rows[picked] - start)):
-                    out[at] = rec
+            at = np.flatnonzero(which == j)
+            if len(at):
+                asked.append((i, at, start))
+        answers = self._ask([i for i, _, _ in asked], "rows_at", set_name,
+                            each=[rows[at] - start for _, at, start in asked])
+        out: list[dict | None] = [None] * len(rows)
+        for (_, at, _), records in zip(asked, answers):
+            for j, rec in zip(at, records):
+                out[j] = rec
         return out
 
+    def rows(self, set_name: str) -> list[dict]:
+        return self.rows_at(set_name, np.arange(len(self._set(set_name)["ids"])))
+
+    def n_passing(self, set_name: str, where, limit: int) -> int:
+        """How many of the merged set's first `limit` rows pass `where`, counted by the shards."""
+        mine = [(i, min(n, limit - start)) for i, start, n in self._spans(set_name) if start < limit]
+        counts = self._ask([i for i, _ in mine], "n_passing", set_name, where, each=[m for _, m in mine])
+        return sum(counts)
+
     def read(self, set_name: str, checkpoint: str, encoding: str) -> quant.QuantizedRows:
-        """The stored rows of one (set, checkpoint, encoding), the shards' one after another."""
-        parts = [self.stores[i].read(set_name, checkpoint, encoding) for i, _, _ in self._spans(set_name)]
-        return quant.QuantizedRows.concat(parts)
+        """The stored rows of one (set, checkpoint, encoding), the shards' one after another
+        (sent by their workers: a task set's few rows, or a whole train set if asked)."""
+        shards = [i for i, _, _ in self._spans(set_name)]
+        return quant.QuantizedRows.concat(self._ask(shards, "read", set_name, checkpoint, encoding))
 
     def vectors(self, set_name: str, checkpoint: str, encoding: str = "f16") -> np.ndarray:
-        """Dequantized float32 vectors (centered rows with their own shard's centroid)."""
-        return np.concatenate([self.stores[i].vectors(set_name, checkpoint, encoding)
-                               for i, _, _ in self._spans(set_name)])
+        """Dequantized float32 vectors (centered rows with their own shard's centroid), sent by
+        the shards' workers."""
+        shards = [i for i, _, _ in self._spans(set_name)]
+        return np.concatenate(self._ask(shards, "vectors", set_name, checkpoint, encoding))
 
     # ---- queries -------------------------------------------------------------------------
     def query(self, text: str):
@@ -279,10 +292,12 @@ class ShardedStore:
 
 def _execute(sharded: ShardedStore, plan: Plan) -> Result:
     """Fan the plan out to the shards, a round per stage, and keep the best of their answers."""
-    spans = [s for s in sharded._spans(plan.set_name)
-             if sharded.stores[s[0]].n_rows(plan.set_name, plan.checkpoints)]
-    tasks = {(t.name, c, stage.task_encodings[i]): sharded.read(t.name, c, stage.task_encodings[i])
-             for stage in plan.stages for i, t in enumerate(plan.tasks) for c in plan.checkpoints}
+    spans = [(i, start, n) for i, start, n in sharded._spans(plan.set_name)
+             if rows_in_every(sharded.descriptions[i].sets[plan.set_name]["written"], plan.checkpoints)]
+    # the task rows every stage reads, each fetched once from the shards holding them
+    keys = dict.fromkeys((t.name, c, stage.task_encodings[i]) for stage in plan.stages
+                         for i, t in enumerate(plan.tasks) for c in plan.checkpoints)
+    tasks = {key: sharded.read(*key) for key in keys}
     workers, shards = sharded._workers, [i for i, _, _ in spans]
     qid = uuid.uuid4().hex
 
@@ -337,12 +352,31 @@ class _TaskRows:
 
 
 class ShardWorker:
-    """One shard's side of a query: runs a plan's stages over its rows under one snapshot
-    held from the first round to `finish`. A Ray actor, or an object on the local pool."""
+    """One shard's side of a sharded store, where the shard lives: describes it, answers reads
+    of it, and runs a plan's stages over its rows under one snapshot held from the first round
+    to `finish`. A Ray actor on the shard's node, or an object on the local pool.
+
+    The store opens on first use: an error opening it reaches the driver as itself (Ray reports
+    an actor's __init__ error only as text), and a restarted actor reopens it.
+    """
 
     def __init__(self, path: str):
-        self.store = open_store(path)
+        self.path = path
+        self._store = None
         self._queries: dict[str, tuple[contextlib.ExitStack, object, list]] = {}
+
+    @property
+    def store(self):
+        if self._store is None:
+            self._store = open_store(self.path)
+        return self._store
+
+    def describe(self) -> StoreDescription:
+        return describe(self.store)
+
+    def ask(self, method: str, *args):
+        """A read of the shard's store (opened read-only) for the driver, which never opens it."""
+        return getattr(self.store, method)(*args)
 
     def first(self, qid: str, plan: Plan, tasks: dict):
         # every stage's task side before the snapshot (see executor.execute)
@@ -364,8 +398,17 @@ class ShardWorker:
         if held is not None:
             held[0].close()
 
-    def pid(self) -> int:
-        return os.getpid()
+    def where(self) -> tuple[str, int]:
+        """(Ray node id, process id) of this worker on Ray: where its shard is read."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
+    def close(self) -> None:
+        for qid in list(self._queries):
+            self.finish(qid)
+        if self._store is not None:
+            self._store.close()
 
 
 class _LocalWorkers:
@@ -388,9 +431,7 @@ class _LocalWorkers:
     def close(self) -> None:
         self.pool.shutdown()
         for w in self.workers:
-            for qid in list(w._queries):
-                w.finish(qid)
-            w.store.close()
+            w.close()
 
 
 class _RayWorkers:

@@ -9,6 +9,7 @@ and resume.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import threading
@@ -197,6 +198,10 @@ class Store:
         """Row metadata of a set in row order, streamed (memory does not grow with the set)."""
         with self.env.begin() as txn:
             yield from self._iter_rows(txn, self._set_record(txn, set_name)["id"])
+
+    def n_passing(self, set_name: str, where, limit: int) -> int:
+        """How many of the set's first `limit` rows pass `where` (a parsed WHERE condition)."""
+        return sum(where.evaluate(row) for row in itertools.islice(self.iter_rows(set_name), limit))
 
     def rows_at(self, set_name: str, rows) -> list[dict]:
         """Row metadata for the given row numbers, in the order given."""

@@ -236,18 +236,31 @@ def test_cli_queries_a_manifest_as_the_merged_store(plain, tmp_path):
 # ---- on a real local Ray cluster -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_nodes():
+    """A real local Ray cluster of two nodes (two raylets on this machine, ~6 s to start):
+    (ray, the id of the node that is not the driver's)."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    far = cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    yield ray, far.node_id
     ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_nodes):
+    return ray_nodes[0]
 
 
 @pytest.mark.slow
 def test_ray_sharded_queries_equal_the_merged_store(ray_cluster, centered):
     manifest, whole = centered
     with gradstore.open_sharded(manifest, ray=True) as sharded, gradstore.open(whole) as merged:
-        pids = ray_cluster.get([a.pid.remote() for a in sharded._workers.actors])
+        pids = [pid for _, pid in ray_cluster.get([a.where.remote() for a in sharded._workers.actors])]
         assert len(set(pids)) == 3 and os.getpid() not in pids  # one actor process per shard
         for text in queries(PLAIN + CENTERED):
             assert_same(sharded.query(text), merged.query(text))
@@ -263,7 +276,7 @@ def test_ray_worker_killed_mid_query_never_gives_a_wrong_answer(ray_cluster, tmp
         victim = sharded._workers.actors[1]
         outcomes = []
         for delay in (0.0, 0.02, 0.05):
-            pid = ray_cluster.get(victim.pid.remote())
+            pid = ray_cluster.get(victim.where.remote())[1]
             killer = threading.Timer(delay, os.kill, (pid, signal.SIGKILL))
             killer.start()
             try:
@@ -274,7 +287,7 @@ def test_ray_worker_killed_mid_query_never_gives_a_wrong_answer(ray_cluster, tmp
             deadline = time.monotonic() + 60
             while True:  # the actor restarts (its shard reopened)
                 try:
-                    assert ray_cluster.get(victim.pid.remote(), timeout=30) != pid
+                    assert ray_cluster.get(victim.where.remote(), timeout=30)[1] != pid
                     break
                 except ray_cluster.exceptions.RayActorError:
                     assert time.monotonic() < deadline
@@ -285,3 +298,50 @@ def test_ray_worker_killed_mid_query_never_gives_a_wrong_answer(ray_cluster, tmp
             else:
                 assert_same(got, want)
         assert_same(sharded.query(text), want)  # and the next query is answered
+
+
+@pytest.mark.slow
+def test_on_ray_the_driver_opens_no_shard_and_node_hints_place_the_actors(ray_nodes, plain, tmp_path,
+                                                                          monkeypatch):
+    ray, far = ray_nodes
+    manifest, whole = plain
+    shards = {os.path.realpath(manifest.parent / f"shard-{j}") for j in range(3)}
+    hinted = manifest.parent / "far.json"  # shard 2 on the other node
+    hinted.write_text(json.dumps({"shards": [{"path": "shard-0"}, {"path": "shard-1"},
+                                             {"path": "shard-2", "node": far}]}))
+    lmdb_open = gradstore.env.lmdb.open
+
+    def refuse_shards(path, **options):  # the driver's every LMDB open goes through here
+        if os.path.realpath(path) in shards:
+            raise PermissionError(f"{path}: the driver opened a shard")
+        return lmdb_open(path, **options)
+
+    monkeypatch.setattr(gradstore.env.lmdb, "open", refuse_shards)
+    with pytest.raises(PermissionError, match="the driver opened a shard"):
+        gradstore.open_sharded(hinted)  # the thread pool opens them here: the guard holds
+    with gradstore.open_sharded(hinted, ray=True) as sharded, gradstore.open(whole) as merged:
+        here = ray.get_runtime_context().get_node_id()
+        placed = [node for node, _ in ray.get([a.where.remote() for a in sharded._workers.actors])]
+        assert placed == [here, here, far] and here != far
+        for text in ("TOP 5% FROM train BY mmlu", "TOP 20% FROM train BY tydiqa WHERE source = 'dolly'",
+                     "SCORE FROM train BY mmlu, tydiqa CHECKPOINTS e1, e3 WEIGHT uniform"):
+            assert_same(sharded.query(text), merged.query(text))
+        assert str(sharded.query("EXPLAIN TOP 5% FROM train BY mmlu")) == \
+            str(merged.query("EXPLAIN TOP 5% FROM train BY mmlu"))
+        assert sharded.ids("train") == merged.ids("train")
+        for name in ("train", "mmlu", "tydiqa"):
+            assert sharded.rows(name) == merged.rows(name)
+        assert sharded.rows_at("train", [56, 0, 20, 19]) == merged.rows_at("train", [56, 0, 20, 19])
+        got, want = sharded.read("train", "e2", "absmax4"), merged.read("train", "e2", "absmax4")
+        for field in ("payload", "scale", "norm"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+        np.testing.assert_array_equal(sharded.vectors("train", "e3", "f16"),
+                                      merged.vectors("train", "e3", "f16"))
+        assert not any(gradstore.env._REGISTRY.holds(path) for path in shards)
+    run = CliRunner().invoke  # --out: the selected rows' records come from the actors
+    args = ["--task", "mmlu", "--k", "10%"]
+    got = run(cli, ["query", "--store", str(hinted), *args, "--ray", "--out", str(tmp_path / "a.jsonl")])
+    want = run(cli, ["query", "--store", str(whole), *args, "--out", str(tmp_path / "b.jsonl")])
+    assert got.exit_code == 0, got.output
+    assert got.stdout == want.stdout and got.stdout
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text() != ""

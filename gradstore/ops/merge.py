@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 from ..encodings import parse_encoding
 from ..env import compact, in_use
@@ -40,6 +41,26 @@ class MergeReport:
         return [{"set": name, **info} for name, info in self.sets.items()]
 
 
+@dataclass(frozen=True)
+class StoreDescription:
+    """What merge's checks read of a source store, small enough to send from the machine that
+    holds it (a sharded store's Ray actors do): no vectors, no row metadata but ids."""
+
+    path: str
+    meta: dict
+    checkpoints: list[dict]  # records, in creation order
+    sets: dict[str, dict]  # name -> its set record, plus "ids": of the rows any checkpoint holds
+
+
+def describe(store) -> StoreDescription:
+    """A store's description for merge's checks (and a sharded store's planner)."""
+    sets = {}
+    for name, rec in Staging(store).set_records().items():
+        held = max(rec["written"].values(), default=0)
+        sets[name] = {**rec, "ids": [row["id"] for row in islice(store.iter_rows(name), held)]}
+    return StoreDescription(store.path, store.meta, store.checkpoints(), sets)
+
+
 def merge(sources: Sequence, out, batch_rows: int = 4096, progress: Callable | None = None) -> MergeReport:
     """Combine stores into a new store at `out` after checking that they are compatible.
 
@@ -63,7 +84,7 @@ def merge(sources: Sequence, out, batch_rows: int = 4096, progress: Callable | N
                 st.close()
                 raise ValueError(f"{path}: given twice")
             stores.append(st)
-        plan = _merge_plan(stores)
+        plan = _merge_plan([describe(st) for st in stores])
         parent = os.path.dirname(out_real)
         os.makedirs(parent, exist_ok=True)
         prefix = f".{os.path.basename(out_real)}."
@@ -93,63 +114,61 @@ def merge(sources: Sequence, out, batch_rows: int = 4096, progress: Callable | N
                        tuple(plan["notes"]))
 
 
-def _merge_plan(stores) -> dict:
-    first = stores[0]
-    for st in stores[1:]:
+def _merge_plan(sources: list[StoreDescription]) -> dict:
+    """Check the sources as merge does and lay out the merged store: per set its ids in merged
+    order (each with the first source holding it and its row there), and per checkpoint the
+    (source path, rows) parts that fill it, in source order."""
+    first = sources[0]
+    for src in sources[1:]:
         for name in MERGE_FIELDS:
-            if st.meta.get(name) != first.meta.get(name):
+            if src.meta.get(name) != first.meta.get(name):
                 raise SchemaMismatchError(
                     f"cannot merge: {name} differs: {first.path} has {first.meta.get(name)!r},"
-                    f" {st.path} has {st.meta.get(name)!r}")
+                    f" {src.path} has {src.meta.get(name)!r}")
     ckpts: dict[str, tuple[dict, str]] = {}
-    for st in stores:
-        for c in st.checkpoints():
+    for src in sources:
+        for c in src.checkpoints:
             if c["name"] in ckpts and ckpts[c["name"]][0]["lr"] != c["lr"]:
                 old, where = ckpts[c["name"]]
                 raise SchemaMismatchError(
                     f"cannot merge: checkpoint {c['name']!r} has lr {old['lr']} in {where},"
-                    f" {c['lr']} in {st.path}")
-            ckpts.setdefault(c["name"], (c, st.path))
+                    f" {c['lr']} in {src.path}")
+            ckpts.setdefault(c["name"], (c, src.path))
     sets: dict[str, dict] = {}
     notes = []
-    for st in stores:
-        for name, rec in Staging(st).set_records().items():
+    for src in sources:
+        for name, rec in src.sets.items():
             per_row = sorted(e for e in rec["encodings"] if not parse_encoding(e).global_scale)
-            p = sets.setdefault(name, {"kind": rec["kind"], "encodings": per_row, "from": st.path,
+            p = sets.setdefault(name, {"kind": rec["kind"], "encodings": per_row, "from": src.path,
                                        "ids": {}, "parts": {}, "global": {}})
             if p["kind"] != rec["kind"]:
                 raise SchemaMismatchError(f"cannot merge: set {name!r} is a {p['kind']} set in"
-                                          f" {p['from']}, a {rec['kind']} set in {st.path}")
+                                          f" {p['from']}, a {rec['kind']} set in {src.path}")
             if p["encodings"] != per_row:
                 raise SchemaMismatchError(
                     f"cannot merge: set {name!r} holds {', '.join(p['encodings'])} in {p['from']},"
-                    f" {', '.join(per_row)} in {st.path}")
-            n_src = max(rec["written"].values(), default=0)
-            src_ids = []
-            for row in st.iter_rows(name):
-                if len(src_ids) == n_src:
-                    break
-                src_ids.append(row["id"])
-                p["ids"].setdefault(row["id"], row)
+                    f" {', '.join(per_row)} in {src.path}")
+            for row, row_id in enumerate(rec["ids"]):
+                p["ids"].setdefault(row_id, (src.path, row))
             for c, w in rec["written"].items():
                 if w:
-                    p["parts"].setdefault(c, []).append((st, w))
-                    p.setdefault("src_ids", {})[st.path] = src_ids
+                    p["parts"].setdefault(c, []).append((src.path, w))
+                    p.setdefault("src_ids", {})[src.path] = rec["ids"]
             for e in rec["encodings"]:
                 if parse_encoding(e).global_scale:
-                    p["global"].setdefault(e, []).append(st.path)
+                    p["global"].setdefault(e, []).append(src.path)
     for name, p in sets.items():
         order = list(p["ids"])
         for c, parts in p["parts"].items():
             seen: dict[str, str] = {}
             given = []
-            for st, w in parts:
-                for row_id in p["src_ids"][st.path][:w]:
+            for path, w in parts:
+                for row_id in p["src_ids"][path][:w]:
                     if row_id in seen:
                         raise DuplicateIdError(
                             f"cannot merge: id {row_id!r} of set {name!r} checkpoint {c!r} is in"
-                            f" both {seen[row_id]} and {st.path}")
-                    seen[row_id] = st.path
+                            f" both {seen[row_id]} and {path}")
+                    seen[row_id] = path
                     given.append(row_id)
             for i, (got, expected) in enumerate(zip(given, order)):
                 if got != expected:
@@ -159,7 +178,7 @@ def _merge_plan(stores) -> dict:
                         " shard order for every checkpoint")
         kept = []
         for e, holders in p["global"].items():
-            if all(len(parts) == 1 and parts[0][0].path in holders for parts in p["parts"].values()):
+            if all(len(parts) == 1 and parts[0][0] in holders for parts in p["parts"].values()):
                 kept.append(e)
             else:
                 notes.append(f"set {name!r}: dropped {e}: its scale is set-wide and the sources"
@@ -169,9 +188,19 @@ def _merge_plan(stores) -> dict:
             "sets": sets, "notes": notes}
 
 
+def _first_rows(stores: dict, name: str, places: list[tuple[str, int]]) -> list[dict]:
+    """The metadata of set `name`'s rows at (source path, row) places, read from those sources."""
+    out: list[dict] = [{}] * len(places)
+    for path in dict.fromkeys(path for path, _ in places):
+        at = [j for j, (p, _) in enumerate(places) if p == path]
+        for j, rec in zip(at, stores[path].rows_at(name, [places[j][1] for j in at])):
+            out[j] = rec
+    return out
+
+
 def _merge_build(stores, plan, tmp: str, batch_rows: int, progress) -> None:
-    first = stores[0]
-    meta = first.meta
+    meta = stores[0].meta
+    by_path = {st.path: st for st in stores}
     with create(tmp, dim=meta["dim"], projection=meta["projection"], model=meta["model"],
                 lora=meta["lora"], block_bytes=meta["block_bytes"]) as out:
         for c in plan["ckpt_records"]:
@@ -183,14 +212,16 @@ def _merge_build(stores, plan, tmp: str, batch_rows: int, progress) -> None:
         try:
             for name, p in plan["sets"].items():
                 for c in plan["checkpoints"]:
-                    for st, w in p["parts"].get(c, []):
-                        source = Staging(st)
-                        ids = p["src_ids"][st.path]
+                    for path, w in p["parts"].get(c, []):
+                        source = Staging(by_path[path])
+                        ids = p["src_ids"][path]
                         for lo in range(0, w, batch_rows):
                             hi = min(w, lo + batch_rows)
                             rows = {e: source.read_range(name, c, e, lo, hi) for e in p["encodings"]}
+                            # each id's metadata as the first source holding it has it
+                            metadata = _first_rows(by_path, name, [p["ids"][i] for i in ids[lo:hi]])
                             staging.write_quantized(name, c, rows, ids[lo:hi], kind=p["kind"],
-                                                metadata=[p["ids"][i] for i in ids[lo:hi]])
+                                                    metadata=metadata)
                             bar.update(hi - lo)
                 if p["global"]:
                     layouts, scales = {}, {}
@@ -198,7 +229,8 @@ def _merge_build(stores, plan, tmp: str, batch_rows: int, progress) -> None:
                         layouts[e] = staging.block_layout(e)
                         step = layouts[e]["block_rows"] * max(1, batch_rows // layouts[e]["block_rows"])
                         scales[e] = {}
-                        for c, ((st, w),) in p["parts"].items():
+                        for c, ((path, w),) in p["parts"].items():
+                            st = by_path[path]
                             scales[e][c] = st.set_info(name).get("scales", {}).get(e, {}).get(c)
                             for lo in range(0, w, step):
                                 rows = Staging(st).read_range(name, c, e, lo, min(w, lo + step))

@@ -205,8 +205,7 @@ def plan(store, query: Query) -> Plan:
     pool = n_rows
     if query.where is not None and query.top_percent is not None:
         # A percentage of the rows the WHERE keeps, as a user filtering a pool expects.
-        rows = store.iter_rows(query.set_name)
-        pool = sum(query.where.evaluate(next(rows)) for _ in range(n_rows))
+        pool = store.n_passing(query.set_name, query.where, n_rows)
         notes.append(f"{query.top_percent:g}% of the {pool} rows that pass WHERE")
     k = _k(query, pool)
     stages = _stages(query, set_info, task_infos, k, pool, notes)
