@@ -33,7 +33,7 @@ Manifest (JSON; relative paths are relative to the manifest's folder):
 
     {"shards": [{"path": "shard-0", "node": "10.0.0.5"}, {"path": "shard-1"}]}
 
-`node` (optional): a Ray node id or node IP address.
+`node` (optional): a Ray node id, or the IP address of one alive Ray node.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class ShardedStore:
         self._workers = None
         self._infos: dict[str, dict] = {}
         try:
-            self._workers = _RayWorkers(shards) if ray else _LocalWorkers(shards)
+            self._workers = _RayWorkers(self.path, shards) if ray else _LocalWorkers(shards)
             self.descriptions = self._workers.call("describe", list(range(len(shards))), ())
             self._plan = _merge_plan(self.descriptions)
             self._check_shardable()
@@ -441,7 +441,7 @@ class _RayWorkers:
     # there, so a lost first round is redone, and a lost rerank fails with a clear error.
     MAX_RESTARTS = 3
 
-    def __init__(self, shards: list[Shard]):
+    def __init__(self, manifest: str, shards: list[Shard]):
         try:
             import ray
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -453,16 +453,25 @@ class _RayWorkers:
             ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
                      log_to_driver=False)
         alive = [n for n in ray.nodes() if n["Alive"]]
-        nodes = {key: n["NodeID"] for n in alive for key in (n["NodeID"], n["NodeManagerAddress"])}
+        named: dict[str, set[str]] = {}  # a node id or address -> the alive nodes it names
+        for n in alive:
+            for key in (n["NodeID"], n["NodeManagerAddress"]):
+                named.setdefault(key, set()).add(n["NodeID"])
         here = ray.get_runtime_context().get_node_id()
         actor = ray.remote(ShardWorker)
         self.shards = shards
         self.actors = []
         for i, s in enumerate(shards):
-            if s.node is not None and s.node not in nodes:
-                raise GradstoreError(f"shards[{i}].node {s.node!r}: no alive Ray node has that id or"
-                                     f" address ({', '.join(n['NodeManagerAddress'] for n in alive)})")
-            node = nodes[s.node] if s.node is not None else here
+            node = here
+            if s.node is not None:
+                where = f"{manifest}: shards[{i}].node {s.node!r}"
+                if s.node not in named:
+                    raise GradstoreError(f"{where}: no alive Ray node has that id or address"
+                                         f" ({', '.join(n['NodeManagerAddress'] for n in alive)})")
+                if len(named[s.node]) > 1:  # several nodes on one machine (or behind one address)
+                    raise GradstoreError(f"{where}: {len(named[s.node])} alive Ray nodes have that"
+                                         " address; name the node by its id")
+                (node,) = named[s.node]
             self.actors.append(actor.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
                 max_restarts=self.MAX_RESTARTS, max_task_retries=1).remote(s.path))

@@ -338,6 +338,17 @@ def test_on_ray_the_driver_opens_no_shard_and_node_hints_place_the_actors(ray_no
         np.testing.assert_array_equal(sharded.vectors("train", "e3", "f16"),
                                       merged.vectors("train", "e3", "f16"))
         assert not any(gradstore.env._REGISTRY.holds(path) for path in shards)
+    address = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == far)
+    for node, message in ((address, "2 alive Ray nodes have that address; name the node by its id"),
+                          ("10.9.9.9", "no alive Ray node has that id or address")):
+        bad = _manifest(tmp_path, {"shards": [{"path": str(manifest.parent / "shard-0"), "node": node}]})
+        with pytest.raises(GradstoreError) as info:
+            gradstore.open_sharded(bad, ray=True)
+        assert str(info.value).startswith(f"{bad}: shards[0].node {node!r}: {message}")
+    missing = _manifest(tmp_path, {"shards": [{"path": "shard-0"}]})  # no such store on its node
+    with pytest.raises(gradstore.StoreNotFoundError) as info:  # raised by its actor, as itself
+        gradstore.open_sharded(missing, ray=True)
+    assert str(info.value) == f"{os.path.realpath(tmp_path / 'shard-0')}: not a gradstore store (no data.mdb)"
     run = CliRunner().invoke  # --out: the selected rows' records come from the actors
     args = ["--task", "mmlu", "--k", "10%"]
     got = run(cli, ["query", "--store", str(hinted), *args, "--ray", "--out", str(tmp_path / "a.jsonl")])
