@@ -243,7 +243,8 @@ class ShardedStore:
 
     def _ask(self, shards: list[int], method: str, *args, each: list | None = None) -> list:
         """store.method(*args[, each[j]]) of shard shards[j], on its worker; answers in order."""
-        return self._workers.call("ask", shards, (method, *args), each)
+        calls = [[(*args, *(() if each is None else (each[j],)))] for j in range(len(shards))]
+        return [answer for (answer,) in self._workers.call("ask", shards, (method,), calls)]
 
     def rows_at(self, set_name: str, rows) -> list[dict]:
         """Row metadata for merged row numbers, in the order given (from the shards holding them)."""
@@ -275,8 +276,20 @@ class ShardedStore:
     def read(self, set_name: str, checkpoint: str, encoding: str) -> quant.QuantizedRows:
         """The stored rows of one (set, checkpoint, encoding), the shards' one after another
         (sent by their workers: a task set's few rows, or a whole train set if asked)."""
-        shards = [i for i, _, _ in self._spans(set_name)]
-        return quant.QuantizedRows.concat(self._ask(shards, "read", set_name, checkpoint, encoding))
+        key = (set_name, checkpoint, encoding)
+        return self._read_all([key])[key]
+
+    def _read_all(self, keys) -> dict[tuple[str, str, str], quant.QuantizedRows]:
+        """`read` of every (set, checkpoint, encoding) key, in one call to each shard holding any:
+        a query's task rows at every checkpoint cost one round trip, not one per key."""
+        holders = {key: [i for i, _, _ in self._spans(key[0])] for key in keys}
+        shards = sorted({i for held in holders.values() for i in held})
+        asked = [[key for key, held in holders.items() if i in held] for i in shards]
+        parts: dict[tuple, list] = {key: [] for key in holders}
+        for mine, answers in zip(asked, self._workers.call("ask", shards, ("read",), asked)):
+            for key, rows in zip(mine, answers):
+                parts[key].append(rows)
+        return {key: quant.QuantizedRows.concat(rows) for key, rows in parts.items()}
 
     def vectors(self, set_name: str, checkpoint: str, encoding: str = "f16") -> np.ndarray:
         """Dequantized float32 vectors (centered rows with their own shard's centroid), sent by
@@ -295,9 +308,9 @@ def _execute(sharded: ShardedStore, plan: Plan) -> Result:
     spans = [(i, start, n) for i, start, n in sharded._spans(plan.set_name)
              if rows_in_every(sharded.descriptions[i].sets[plan.set_name]["written"], plan.checkpoints)]
     # the task rows every stage reads, each fetched once from the shards holding them
-    keys = dict.fromkeys((t.name, c, stage.task_encodings[i]) for stage in plan.stages
-                         for i, t in enumerate(plan.tasks) for c in plan.checkpoints)
-    tasks = {key: sharded.read(*key) for key in keys}
+    tasks = sharded._read_all(dict.fromkeys(
+        (t.name, c, stage.task_encodings[i])
+        for stage in plan.stages for i, t in enumerate(plan.tasks) for c in plan.checkpoints))
     workers, shards = sharded._workers, [i for i, _, _ in spans]
     qid = uuid.uuid4().hex
 
@@ -374,9 +387,10 @@ class ShardWorker:
     def describe(self) -> StoreDescription:
         return describe(self.store)
 
-    def ask(self, method: str, *args):
-        """A read of the shard's store (opened read-only) for the driver, which never opens it."""
-        return getattr(self.store, method)(*args)
+    def ask(self, method: str, calls: list[tuple]) -> list:
+        """store.method(*args) for each args in `calls`: reads of the shard's store (opened
+        read-only) for the driver, which never opens it."""
+        return [getattr(self.store, method)(*args) for args in calls]
 
     def first(self, qid: str, plan: Plan, tasks: dict):
         # every stage's task side before the snapshot (see executor.execute)
