@@ -1,6 +1,7 @@
 """Sharded stores: a query over shards in place equals the query over the store `merge` builds
 from them in manifest order (ids, rows, scores, ties, plan), on the thread pool and on a real
-local Ray cluster (slow); manifest and compatibility errors; the CLI."""
+local Ray cluster of two nodes (slow), where the driver opens no shard; manifest and
+compatibility errors; the CLI."""
 
 import json
 import os
