@@ -123,6 +123,53 @@ def write_manifest(path, shards: list[Shard]) -> None:
     os.replace(tmp, path)
 
 
+def _check_shardable(descriptions: list[StoreDescription], plan: dict) -> None:
+    """Beyond merge's checks: the same checkpoints everywhere, and no id in two shards."""
+    first, *rest = descriptions
+    names = [c["name"] for c in first.checkpoints]
+    for d in rest:
+        theirs = [c["name"] for c in d.checkpoints]
+        if theirs != names:
+            raise SchemaMismatchError(
+                f"cannot shard: checkpoints differ: {first.path} has {', '.join(names) or 'none'},"
+                f" {d.path} has {', '.join(theirs) or 'none'}")
+    for name, p in plan["sets"].items():
+        owner: dict[str, str] = {}
+        for path, ids in p.get("src_ids", {}).items():
+            for row_id in ids:
+                if row_id in owner:
+                    raise DuplicateIdError(f"cannot shard: id {row_id!r} of set {name!r} is in"
+                                           f" both {owner[row_id]} and {path}")
+                owner[row_id] = path
+
+
+@dataclass(frozen=True)
+class _MergedSet:
+    """What a sharded store keeps of one set: the merged store's record of it, and the shards
+    holding its rows, in order, with where those rows fall in the merged set."""
+
+    info: dict  # set_info: kind, n_rows, written per checkpoint, encodings, subtasks
+    spans: list[tuple[int, int, int]]  # (shard index, first merged row, rows)
+    written: dict[int, dict]  # shard index -> its rows per checkpoint
+
+    @classmethod
+    def of(cls, name: str, p: dict, descriptions: list[StoreDescription]) -> _MergedSet:
+        """From merge's plan of the set (`p`) and the shards' descriptions."""
+        held = {i: d.sets[name] for i, d in enumerate(descriptions) if name in d.sets}
+        spans, start = [], 0
+        for i, rec in held.items():
+            n = len(p.get("src_ids", {}).get(descriptions[i].path, ()))
+            if n:
+                spans.append((i, start, n))
+                start += n
+        layouts = {e: layout for rec in held.values() for e, layout in rec["encodings"].items()}
+        info = {"kind": p["kind"], "n_rows": len(p["ids"]),
+                "written": {c: sum(w for _, w in parts) for c, parts in p["parts"].items()},
+                "encodings": {e: layouts[e] for e in p["encodings"] + p["global"]},
+                "subtasks": list(dict.fromkeys(s for rec in held.values() for s in rec["subtasks"]))}
+        return cls(info, spans, {i: rec["written"] for i, rec in held.items()})
+
+
 def open_sharded(manifest, ray: bool = False) -> ShardedStore:
     """Open the shard stores a manifest lists as one read-only store (see the module docstring).
 
@@ -135,45 +182,29 @@ def open_sharded(manifest, ray: bool = False) -> ShardedStore:
 class ShardedStore:
     """Shard stores read as the one store merging them in manifest order would be.
 
-    Knows them only by what their workers report: `descriptions` (merge's, one per shard, in
-    manifest order) for the checks and the planner; rows, task rows and vectors are asked of
-    the workers. Offers what the planner and readers use: `sets`, `set_info`, `checkpoints`,
-    `n_rows`, `n_passing`, `rows`, `ids`, `rows_at`, `read`, `vectors`, `query`.
+    Knows them only by what their workers report: their descriptions (`merge.describe`) for the
+    checks, of which it keeps each set's merged record and where its rows lie; rows, ids, task
+    rows and vectors are asked of the workers. Offers what the planner and readers use: `sets`,
+    `set_info`, `checkpoints`, `n_rows`, `n_passing`, `rows`, `ids`, `rows_at`, `read`,
+    `vectors`, `query`.
     """
 
     def __init__(self, manifest, shards: list[Shard], ray: bool = False):
         self.path = os.fspath(manifest)
         self.shards = shards
         self._workers = None
-        self._infos: dict[str, dict] = {}
         try:
             self._workers = _RayWorkers(self.path, shards) if ray else _LocalWorkers(shards)
-            self.descriptions = self._workers.call("describe", list(range(len(shards))), ())
-            self._plan = _merge_plan(self.descriptions)
-            self._check_shardable()
+            descriptions = self._workers.call("describe", list(range(len(shards))), ())
+            plan = _merge_plan(descriptions)
+            _check_shardable(descriptions, plan)
         except BaseException:
             self.close()
             raise
-        self.meta = self.descriptions[0].meta
-
-    def _check_shardable(self) -> None:
-        """Beyond merge's checks: the same checkpoints everywhere, and no id in two shards."""
-        first, *rest = self.descriptions
-        names = [c["name"] for c in first.checkpoints]
-        for d in rest:
-            theirs = [c["name"] for c in d.checkpoints]
-            if theirs != names:
-                raise SchemaMismatchError(
-                    f"cannot shard: checkpoints differ: {first.path} has {', '.join(names) or 'none'},"
-                    f" {d.path} has {', '.join(theirs) or 'none'}")
-        for name, p in self._plan["sets"].items():
-            owner: dict[str, str] = {}
-            for path, ids in p.get("src_ids", {}).items():
-                for row_id in ids:
-                    if row_id in owner:
-                        raise DuplicateIdError(f"cannot shard: id {row_id!r} of set {name!r} is in"
-                                               f" both {owner[row_id]} and {path}")
-                    owner[row_id] = path
+        # Every row's id was for the checks: what is kept does not grow with the rows.
+        self.meta = descriptions[0].meta
+        self._checkpoints = plan["ckpt_records"]
+        self._sets = {name: _MergedSet.of(name, p, descriptions) for name, p in plan["sets"].items()}
 
     # ---- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
@@ -196,50 +227,31 @@ class ShardedStore:
         return self.meta["dim"]
 
     def checkpoints(self) -> list[dict]:
-        return list(self._plan["ckpt_records"])
+        return list(self._checkpoints)
 
     def checkpoint_names(self) -> list[str]:
-        return list(self._plan["checkpoints"])
+        return [c["name"] for c in self._checkpoints]
 
     def sets(self) -> list[str]:
-        return list(self._plan["sets"])
+        return list(self._sets)
 
-    def _set(self, set_name: str) -> dict:
-        p = self._plan["sets"].get(set_name)
-        if p is None:
+    def _set(self, set_name: str) -> _MergedSet:
+        merged = self._sets.get(set_name)
+        if merged is None:
             raise UnknownNameError(f"unknown set {set_name!r}; the sharded store has:"
-                                   f" {', '.join(self._plan['sets']) or '(none)'}")
-        return p
+                                   f" {', '.join(self._sets) or '(none)'}")
+        return merged
 
     def set_info(self, set_name: str) -> dict:
         """The merged set's record: kind, n_rows, written per checkpoint, encodings, subtasks."""
-        p = self._set(set_name)
-        if set_name not in self._infos:
-            records = [d.sets[set_name] for d in self.descriptions if set_name in d.sets]
-            layouts = {e: layout for rec in records for e, layout in rec["encodings"].items()}
-            self._infos[set_name] = {
-                "kind": p["kind"], "n_rows": len(p["ids"]),
-                "written": {c: sum(w for _, w in parts) for c, parts in p["parts"].items()},
-                "encodings": {e: layouts[e] for e in p["encodings"] + p["global"]},
-                "subtasks": list(dict.fromkeys(s for rec in records for s in rec["subtasks"]))}
-        return self._infos[set_name]
+        return self._set(set_name).info
 
     def n_rows(self, set_name: str, checkpoints=None) -> int:
         written = self.set_info(set_name)["written"]
         return rows_in_every(written, checkpoints if checkpoints is not None else list(written))
 
-    def ids(self, set_name: str) -> list[str]:
-        return list(self._set(set_name)["ids"])
-
     def _spans(self, set_name: str) -> list[tuple[int, int, int]]:
-        """(shard index, first merged row, rows) of each shard holding the set, in order."""
-        p, spans, start = self._set(set_name), [], 0
-        for i, d in enumerate(self.descriptions):
-            n = len(p.get("src_ids", {}).get(d.path, ()))
-            if n:
-                spans.append((i, start, n))
-                start += n
-        return spans
+        return self._set(set_name).spans
 
     def _ask(self, shards: list[int], method: str, *args, each: list | None = None) -> list:
         """store.method(*args[, each[j]]) of shard shards[j], on its worker; answers in order."""
@@ -265,7 +277,12 @@ class ShardedStore:
         return out
 
     def rows(self, set_name: str) -> list[dict]:
-        return self.rows_at(set_name, np.arange(len(self._set(set_name)["ids"])))
+        return self.rows_at(set_name, np.arange(self.set_info(set_name)["n_rows"]))
+
+    def ids(self, set_name: str) -> list[str]:
+        spans = self._spans(set_name)
+        answers = self._ask([i for i, _, _ in spans], "ids", set_name)
+        return [row_id for ids, (_, _, n) in zip(answers, spans) for row_id in ids[:n]]
 
     def n_passing(self, set_name: str, where, limit: int) -> int:
         """How many of the merged set's first `limit` rows pass `where`, counted by the shards."""
@@ -305,8 +322,9 @@ class ShardedStore:
 
 def _execute(sharded: ShardedStore, plan: Plan) -> Result:
     """Fan the plan out to the shards, a round per stage, and keep the best of their answers."""
-    spans = [(i, start, n) for i, start, n in sharded._spans(plan.set_name)
-             if rows_in_every(sharded.descriptions[i].sets[plan.set_name]["written"], plan.checkpoints)]
+    merged = sharded._set(plan.set_name)
+    spans = [(i, start, n) for i, start, n in merged.spans
+             if rows_in_every(merged.written[i], plan.checkpoints)]
     # the task rows every stage reads, each fetched once from the shards holding them
     tasks = sharded._read_all(dict.fromkeys(
         (t.name, c, stage.task_encodings[i])
