@@ -3,13 +3,16 @@
 The same real pool rows (Dolly and Flan v2 CoT from ../shared/data/train, tokenized once as
 ingest does: tulu format, truncated to 512 or 1,024 tokens), the same model (SmolLM2-135M, bf16),
 the same LoRA adapter (q,k,v,o; r = 8 and 128, B drawn non-zero as after a warmup) and the same
-token budget, interleaved per configuration. What each computes per example:
+token budget; the three qless paths run round-robin, best of `--repeat`. What each computes per example:
 - batch-1 (`GradientComputer.gradient_tensor`, the reference): one forward (logits only where a
   label is predicted) and backward per example, the full LoRA gradient, LESS's Adam direction,
   the sparse projection to 8192 dims;
-- batched (`GradientComputer.batched`, what ingest runs): the same vectors from length-bucketed
-  padded batches of at most `--token-budget` tokens, per-example gradients from hooks, the same
-  Adam direction and projection; its min cosine to batch-1's projected vectors is reported;
+- packed (`GradientComputer.batched`, what ingest runs): the same vectors from length-sorted
+  batches of at most `--token-budget` tokens, packed into one sequence each (attention kept
+  inside each example), per-example gradients from hooks, the same Adam direction and
+  projection; its min cosine to batch-1's projected vectors is reported;
+- padded (`GradientComputer(pack=False)`, the path for models packing cannot serve): the same
+  batches padded to their longest example;
 - bergson (`benchmarks/bergson_run.py`, in `.bench-venv`, never a dependency): `bergson build`'s
   collection on the same token ids, labels and adapter: length-grouped padded batches of the same
   budget, logits at every position, per-example LoRA gradients from hooks, each module projected
@@ -22,6 +25,7 @@ peak RSS above the start of each timed part.
     .venv/bin/python benchmarks/bench_ingest.py                # 24 rows per config, r=8/128 x 512/1024
     .venv/bin/python benchmarks/bench_ingest.py --quick        # 6 rows, r=8, 512 tokens
     .venv/bin/python benchmarks/bench_ingest.py --rows 8 --config 1024:128   # one configuration
+    .venv/bin/python benchmarks/bench_ingest.py --rows 48 --config 512:8 --repeat 3 --no-bergson
     .venv/bin/python benchmarks/bench_ingest.py --device cuda --rows 256 --token-budget 16384 --no-bergson
 """
 
@@ -94,37 +98,52 @@ def run_bergson(adapter_dir: Path, rows: list, budget: int, tmp: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_config(base, rows: list, r: int, budget: int, bergson: bool, device: torch.device) -> dict:
+def timed_batches(computer, sparse, rows: list, sync) -> tuple[np.ndarray, float]:
+    """The batched path's projected vectors of `rows` (in row order) and its seconds."""
+    got = np.zeros((len(rows), DIM), dtype=np.float32)
+    t0 = time.perf_counter()
+    for idx, grads in computer.batched(rows):
+        got[idx] = sparse.project(grads).cpu().numpy()
+    sync()
+    return got, time.perf_counter() - t0
+
+
+def run_config(base, rows: list, r: int, budget: int, bergson: bool, device: torch.device,
+               repeat: int) -> dict:
     model = adapter(base, r)
-    probe = GradientComputer(model, mode="sgd")
-    computer = GradientComputer(model, fake_adam_state(probe.dim, r), mode="adam", token_budget=budget)
-    sparse = SparseRademacher(computer.dim, DIM, seed=0)
+    dim = GradientComputer(model, mode="sgd").dim
+    state = fake_adam_state(dim, r)
+    packed = GradientComputer(model, state, mode="adam", token_budget=budget)
+    padded = GradientComputer(model, state, mode="adam", token_budget=budget, pack=False)
+    sparse = SparseRademacher(dim, DIM, seed=0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sparse.project(computer.gradient_tensor(rows[0])[None])  # warm up both paths
-    for _ in computer.batched(rows[:2]):
-        pass
+    sparse.project(packed.gradient_tensor(rows[0])[None])  # warm up every path
+    for computer in (packed, padded):
+        timed_batches(computer, sparse, rows[:2], sync)
     tokens = sum(len(ex.input_ids) for ex in rows)
 
-    with PeakRSS() as peak1:
-        t0 = time.perf_counter()
-        ref = np.stack([sparse.project(computer.gradient_tensor(ex)[None]).cpu().numpy()[0] for ex in rows])
-        sync()
-        t_batch1 = time.perf_counter() - t0
-
-    computer.seconds = {"model": 0.0, "per_example": 0.0}
-    got = np.zeros_like(ref)
-    padded = 0
+    # Round-robin, best of `repeat`: the three paths see the same moments of a shared machine.
+    best = {"batch1": np.inf, "packed": np.inf, "padded": np.inf}
+    peaks = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as peak2:
-        t0 = time.perf_counter()
-        for idx, grads in computer.batched(rows):
-            got[idx] = sparse.project(grads).cpu().numpy()
-            padded += len(idx) * len(rows[idx[0]].input_ids)
-        sync()
-        t_batched = time.perf_counter() - t0
+    for _ in range(repeat):
+        with PeakRSS() as peak:
+            t0 = time.perf_counter()
+            ref = np.stack([sparse.project(packed.gradient_tensor(ex)[None]).cpu().numpy()[0] for ex in rows])
+            sync()
+            best["batch1"] = min(best["batch1"], time.perf_counter() - t0)
+        peaks["batch1"] = peak.mib
+        for name, computer in (("packed", packed), ("padded", padded)):
+            computer.seconds = {"model": 0.0, "per_example": 0.0}
+            computer.tokens = {"run": 0, "real": 0}
+            with PeakRSS() as peak:
+                got, seconds = timed_batches(computer, sparse, rows, sync)
+            best[name] = min(best[name], seconds)
+            peaks[name] = peak.mib
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    t_batched = best["packed"]
 
     with tempfile.TemporaryDirectory() as tmp:
         store = gradstore.create(f"{tmp}/s", dim=DIM)
@@ -139,16 +158,18 @@ def run_config(base, rows: list, r: int, budget: int, bergson: bool, device: tor
             berg = run_bergson(Path(tmp) / "adapter", rows, budget, Path(tmp))
     model.unload()  # give the base model back without LoRA for the next config
     n = len(rows)
-    res = {"r": r, "lora_params": computer.dim, "rows": n, "tokens": tokens,
+    res = {"r": r, "lora_params": dim, "rows": n, "tokens": tokens, "repeat": repeat,
            "max_tokens": max(len(ex.input_ids) for ex in rows), "token_budget": budget,
-           "padding": 1 - tokens / padded, "batches": len(computer.batches(rows)),
-           "batch1_examples_per_s": n / t_batch1, "batched_examples_per_s": n / t_batched,
-           "speedup_vs_batch1": t_batch1 / t_batched,
-           "batched_model_s": computer.seconds["model"], "batched_per_example_s": computer.seconds["per_example"],
-           "per_example_share": computer.seconds["per_example"] / t_batched,
+           "packed": packed.packed, "padding_when_padded": 1 - padded.tokens["real"] / padded.tokens["run"],
+           "batches": len(packed.batches(rows)),
+           "batch1_examples_per_s": n / best["batch1"], "batched_examples_per_s": n / t_batched,
+           "padded_examples_per_s": n / best["padded"], "speedup_vs_batch1": best["batch1"] / t_batched,
+           "padded_speedup_vs_batch1": best["batch1"] / best["padded"],
+           "batched_model_s": packed.seconds["model"], "batched_per_example_s": packed.seconds["per_example"],
+           "per_example_share": packed.seconds["per_example"] / t_batched,
            "quantize_write_share": t_write / t_batched,
            "min_cosine_batched_vs_batch1": float(cos.min()),
-           "peak_rss_mib": {"batch1": peak1.mib, "batched": peak2.mib}, "cuda_peak_mib": cuda_peak}
+           "peak_rss_mib": peaks, "cuda_peak_mib": cuda_peak}
     if berg is not None:
         res["bergson_examples_per_s"] = n / berg["seconds"]
         res["batched_vs_bergson"] = berg["seconds"] / t_batched
@@ -163,6 +184,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--token-budget", type=int, default=IngestConfig.token_budget)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-bergson", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1, help="round-robin rounds; each path's best")
     parser.add_argument("--config", action="append", type=lambda t: tuple(int(x) for x in t.split(":")),
                         help="MAX_TOKENS:R, repeatable (default: 512:8 512:128 1024:8 1024:128)")
     args = parser.parse_args(argv)
@@ -183,23 +205,24 @@ def main(argv=None) -> dict:
     out = {"machine": info, "quick": args.quick, "dim": DIM, "encodings": ENCODINGS, "results": []}
     for max_length, r in configs:
         rows = pool_rows(tokenizer, n, max_length)
-        res = run_config(base, rows, r, args.token_budget, bergson, device)
+        res = run_config(base, rows, r, args.token_budget, bergson, device, args.repeat)
         res["max_length"] = max_length
         out["results"].append(res)
         print(json.dumps(res), flush=True)
         write_json(name, out)  # after every configuration: a long run stopped early keeps its results
     results = out["results"]
     rows = [[res["max_length"], res["r"], res["rows"], f"{res['tokens'] / res['rows']:.0f}",
-             f"{res['batch1_examples_per_s']:.2f}", f"{res['batched_examples_per_s']:.2f}",
-             f"{res['speedup_vs_batch1']:.2f}x",
+             f"{res['batch1_examples_per_s']:.2f}", f"{res['padded_examples_per_s']:.2f}",
+             f"{res['padded_speedup_vs_batch1']:.2f}x", f"{res['padding_when_padded']:.0%}",
+             f"{res['batched_examples_per_s']:.2f}", f"{res['speedup_vs_batch1']:.2f}x",
              f"{res['bergson_examples_per_s']:.2f}" if "bergson_examples_per_s" in res else "-",
              f"{res['batched_vs_bergson']:.2f}x" if "batched_vs_bergson" in res else "-",
-             f"{res['padding']:.0%}", f"{res['per_example_share']:.0%}", f"{res['quantize_write_share']:.1%}",
+             f"{res['per_example_share']:.0%}", f"{res['quantize_write_share']:.1%}",
              " / ".join(f"{v:.0f}" for v in res["peak_rss_mib"].values()),
              f"{res['min_cosine_batched_vs_batch1']:.5f}"] for res in results]
-    print_table(["max tokens", "r", "rows", "mean tokens", "batch-1 ex/s", "batched ex/s", "vs batch-1",
-                 "bergson ex/s", "vs bergson", "padding", "per-example share", "quant+write share",
-                 "peak MiB (b1/batched/bergson)", "min cos"], rows,
+    print_table(["max tokens", "r", "rows", "mean tokens", "batch-1 ex/s", "padded ex/s", "vs batch-1",
+                 "padding", "packed ex/s", "vs batch-1", "bergson ex/s", "vs bergson", "per-example share",
+                 "quant+write share", "peak MiB (b1/packed/padded/bergson)", "min cos"], rows,
                 title=f"ingest examples/s (SmolLM2-135M bf16, token budget {args.token_budget}, {info['device']})")
     return out
 

@@ -10,17 +10,20 @@ model's trainable-parameter order (the order `optimizer_state.load_optimizer_sta
   checkpoint's AdamW betas and eps (0.9, 0.999, 1e-8 by default, as LESS).
 
 Two paths to the same vectors:
-- `batched(examples)` (the default, what ingest runs): examples sorted by length and padded
-  (right, no attention mask needed: the model is causal) into batches of at most `token_budget`
-  padded tokens; one forward and one backward per batch. Hooks on every LoRA `Linear` keep its input x_t and, from the backward, its output
-  gradient d_t; example e's weight gradient is sum_{t in e} d_t x_t^T (for lora_A that is
-  (B^T d) x^T, for lora_B d (A x)^T, the LoRA scaling folded into d). Each token's loss is
-  weighted by 1 / (its example's response-token count), so each example's gradient is that of
-  its own mean loss, as at batch size 1. Padding never contributes: a pad position has no loss
-  and no later real token attends to it, so its d_t is 0.
+- `batched(examples)` (the default, what ingest runs): examples sorted by length and grouped into
+  batches of at most `token_budget` tokens; one forward and one backward per batch. A batch is
+  packed (the examples one after the other in one sequence, position ids restarting per
+  example, attention kept inside each example by `qless.packing`) where the model dispatches
+  attention through transformers' attention interface, else padded (right, no attention mask
+  needed: the model is causal; a pad position has no loss and no later real token attends to
+  it, so it contributes nothing). Hooks on every LoRA `Linear` keep its input x_t and, from the
+  backward, its output gradient d_t; example e's weight gradient is sum_{t in e} d_t x_t^T (for
+  lora_A that is (B^T d) x^T, for lora_B d (A x)^T, the LoRA scaling folded into d). Each
+  token's loss is weighted by 1 / (its example's response-token count), so each example's
+  gradient is that of its own mean loss, as at batch size 1.
 - `gradient(example)`: LESS's loop, one forward and backward per example (its forward asks
-  only for the logits of positions that predict a label): the reference the tests hold the
-  batched path to (cosine >= 0.9999 per row in fp32).
+  only for the logits of positions that predict a label), through the model's own attention:
+  the reference the tests hold the batched path to (cosine >= 0.9999 per row in fp32).
 
 Memory: activations grow with the token budget; the per-example gradients of a batch,
 float32 (n, dim), are capped at `gradient_bytes` by limiting the examples per batch.
@@ -49,6 +52,7 @@ from .config import IngestConfig
 from .data import IGNORE_INDEX
 from .model import disable_cpu_repacking
 from .optimizer_state import flatten_state, trainable_parameters
+from .packing import pack_attention
 
 DEFAULT_TOKEN_BUDGET = IngestConfig.token_budget  # the ingest config owns the default
 DEFAULT_GRADIENT_BYTES = 512 << 20
@@ -64,7 +68,7 @@ class GradientComputer:
 
     def __init__(self, model, optimizer_state: Any = None, mode: str = "adam",
                  token_budget: int = DEFAULT_TOKEN_BUDGET, gradient_bytes: int = DEFAULT_GRADIENT_BYTES,
-                 betas: tuple[float, float] = ADAM_BETAS, eps: float = ADAM_EPS):
+                 betas: tuple[float, float] = ADAM_BETAS, eps: float = ADAM_EPS, pack: bool = True):
         if mode not in ("adam", "sgd"):
             raise ValueError(f"mode must be 'adam' or 'sgd', got {mode!r}")
         if token_budget < 1:
@@ -84,6 +88,8 @@ class GradientComputer:
         # Seconds spent forming per-example gradients from the hooks' tensors (the part a
         # factored projection could replace) and in the model's forward and backward.
         self.seconds = {"model": 0.0, "per_example": 0.0}
+        # Tokens the batches ran through the model, and those of the examples (the rest is padding).
+        self.tokens = {"run": 0, "real": 0}
         self.m = self.v = None
         self.betas, self.eps = betas, eps  # the checkpoint's (Checkpoint.betas, .eps)
         if mode == "adam":
@@ -106,6 +112,8 @@ class GradientComputer:
             self.m, self.v = m, v
         disable_cpu_repacking(model)  # a 4-bit layer must not repack for its no-backward kernel
         model.eval()
+        # Packed batches carry no padding; `pack=False` (or a model packing cannot serve) pads.
+        self.packed = pack and pack_attention(model)
 
     def _direction(self, g: torch.Tensor) -> torch.Tensor:
         """g itself (sgd), or the Adam direction of g (rows or one vector), in place of g."""
@@ -115,22 +123,28 @@ class GradientComputer:
         v = (g * g).mul_(1 - beta2).add_(self.v, alpha=beta2)
         return g.mul_(1 - beta1).add_(self.m, alpha=beta1).div_(v.add_(self.eps).sqrt_())
 
-    # -- the default path: length-bucketed padded batches, per-example gradients from hooks --
+    # -- the default path: length-sorted batches (packed or padded), per-example gradients from hooks --
+
+    def _cost(self, lengths: list[int]) -> int:
+        """Tokens a batch of examples of these lengths (longest first) runs through the model."""
+        return sum(lengths) if self.packed else len(lengths) * lengths[0]
 
     def batches(self, examples: Sequence) -> list[list[int]]:
         """Indices of `examples` grouped into batches, longest first, each at most `token_budget`
-        padded tokens (a longer example is a batch alone) and `max_rows` examples. Examples without
+        tokens (a longer example is a batch alone) and `max_rows` examples. Examples without
         response tokens are left out."""
         order = sorted((i for i, ex in enumerate(examples) if response_tokens(ex) > 0),
                        key=lambda i: -len(examples[i].input_ids))
         out: list[list[int]] = []
+        lengths: list[int] = []
         for i in order:
-            # Sorted longest first, so the batch's first example sets its padded length.
-            if out and len(out[-1]) < self.max_rows and \
-                    (len(out[-1]) + 1) * len(examples[out[-1][0]].input_ids) <= self.token_budget:
+            n = len(examples[i].input_ids)
+            if out and len(out[-1]) < self.max_rows and self._cost(lengths + [n]) <= self.token_budget:
                 out[-1].append(i)
+                lengths.append(n)
             else:
                 out.append([i])
+                lengths = [n]
         return out
 
     def _lora_linears(self) -> list[torch.nn.Linear]:
@@ -146,26 +160,44 @@ class GradientComputer:
             raise ValueError("batched gradients do not support DoRA (its weight norm is outside the Linears)")
         return modules
 
-    def batch_tensor(self, examples: Sequence) -> torch.Tensor:
-        """float32 (n, dim) vectors of `examples` (each with response tokens) from one padded
-        forward and backward, on the model's device."""
-        n, length = len(examples), max(len(ex.input_ids) for ex in examples)
-        ids = torch.zeros(n, length, dtype=torch.long)
-        target = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)  # target[b, t] = labels[b][t + 1]
-        weight = torch.zeros(n, length)
-        for b, ex in enumerate(examples):
+    def _inputs(self, examples: Sequence) -> tuple[dict, torch.Tensor, torch.Tensor, list[int], list[int]]:
+        """The model's inputs for one batch; each position's target (the next token's label, -100
+        where it predicts none) and loss weight, flattened over the batch; each example's first
+        flat position (packed: its offset in the sequence; padded: its row's) and length."""
+        lengths = [len(ex.input_ids) for ex in examples]
+        for ex in examples:
             if len(ex.input_ids) != len(ex.labels):
                 raise ValueError(f"input_ids and labels must be equal-length lists, got "
                                  f"{len(ex.input_ids)} and {len(ex.labels)}")
-            k = len(ex.input_ids)
-            ids[b, :k] = torch.as_tensor(ex.input_ids)
-            target[b, :k - 1] = torch.as_tensor(ex.labels[1:])
-            count = int((target[b] != IGNORE_INDEX).sum())
-            if count == 0:
+        width = sum(lengths) if self.packed else max(lengths)  # flat length of one row of the batch
+        starts = [sum(lengths[:b]) if self.packed else b * width for b in range(len(examples) + 1)]
+        ids = torch.zeros(starts[-1], dtype=torch.long)
+        target = torch.full((starts[-1],), IGNORE_INDEX, dtype=torch.long)
+        weight = torch.zeros(starts[-1])
+        for ex, start, k in zip(examples, starts, lengths):
+            ids[start:start + k] = torch.as_tensor(ex.input_ids)
+            target[start:start + k - 1] = torch.as_tensor(ex.labels[1:])
+            labelled = target[start:start + k] != IGNORE_INDEX
+            if not labelled.any():
                 raise ValueError("batch_tensor: an example has no response tokens (use batches())")
-            weight[b][target[b] != IGNORE_INDEX] = 1.0 / count
-        keep = (target != IGNORE_INDEX).to(self.device)
-        target, weight = target.to(self.device)[keep], weight.to(self.device)[keep]
+            weight[start:start + k][labelled] = 1.0 / int(labelled.sum())
+        if self.packed:
+            inputs = {"input_ids": ids[None],
+                      "position_ids": torch.cat([torch.arange(k) for k in lengths])[None],
+                      "cu_seq_lens_q": torch.tensor(starts)}
+        else:  # no attention mask: padding is on the right, so no real token sees a pad
+            inputs = {"input_ids": ids.view(len(examples), width)}
+        return inputs, target, weight, starts, lengths
+
+    def batch_tensor(self, examples: Sequence) -> torch.Tensor:
+        """float32 (n, dim) vectors of `examples` (each with response tokens) from one forward
+        and backward, on the model's device."""
+        inputs, target, weight, starts, lengths = self._inputs(examples)
+        self.tokens["run"] += inputs["input_ids"].numel()
+        self.tokens["real"] += sum(lengths)
+        keep = target != IGNORE_INDEX
+        target, weight = target[keep].to(self.device), weight[keep].to(self.device)
+        keep = keep.view(inputs["input_ids"].shape).to(self.device)
 
         modules = self._lora_linears()
         seen: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -181,9 +213,8 @@ class GradientComputer:
         handles.append(self.model.get_output_embeddings().register_forward_pre_hook(only_kept))
         try:
             with torch.enable_grad():
-                # No attention mask: the model is causal and padding is on the right, so no real
-                # token sees a pad; without a mask attention takes its causal fast path.
-                logits = self.model(input_ids=ids.to(self.device), use_cache=False).logits.float()
+                logits = self.model(**{k: v.to(self.device) for k, v in inputs.items()},
+                                    use_cache=False).logits.float()
                 loss = (F.cross_entropy(logits, target, reduction="none") * weight).sum()
                 del logits
                 outputs = [seen[m][1] for m in modules]
@@ -192,13 +223,15 @@ class GradientComputer:
             for h in handles:
                 h.remove()
         t1 = time.perf_counter()
-        out = torch.empty(n, self.dim, dtype=torch.float32, device=self.device)
+        out = torch.empty(len(examples), self.dim, dtype=torch.float32, device=self.device)
         offset = 0
         for module, d in zip(modules, grads):
-            x = seen.pop(module)[0]
+            x = seen.pop(module)[0].flatten(0, 1)
+            d = d.flatten(0, 1)
             size = module.weight.numel()
-            # In the model's dtype, as the batch-1 loop's weight gradients (float32 accumulation).
-            out[:, offset:offset + size] = torch.bmm(d.transpose(1, 2), x).reshape(n, size)
+            for e, (start, k) in enumerate(zip(starts[:-1], lengths)):
+                # In the model's dtype, as the batch-1 loop's weight gradients (float32 accumulation).
+                out[e, offset:offset + size] = (d[start:start + k].T @ x[start:start + k]).view(-1)
             offset += size
         self.seconds["model"] += t1 - t0
         self.seconds["per_example"] += time.perf_counter() - t1

@@ -2,8 +2,8 @@
 
 One checkpoint at a time; the base model is loaded once and each checkpoint's LoRA weights are
 loaded into it (examples are tokenized once, by the caller, for every checkpoint). Gradients come
-from length-bucketed batches (`GradientComputer.batched`) over a window of `WINDOW` rows; the
-window's vectors are then written in input order, `batch_size` rows per store transaction:
+from length-sorted batches, packed or padded (`GradientComputer.batched`), over a window of
+`WINDOW` rows; the window's vectors are then written in input order, `batch_size` rows per store transaction:
 - resumable: ids a (set, checkpoint) already holds are skipped, so a killed run loses at most
   its open window and a re-run finishes the rest;
 - shardable: shard i of n takes the i-th contiguous slice of the examples, so merging the shard
@@ -34,8 +34,8 @@ from .model import ModelSource, load_adapter, lora_config_dict, reload_adapter
 from .optimizer_state import load_optimizer_state
 from .projection import make_projection
 
-# Rows whose gradients are computed together: a wider window buckets lengths better (less
-# padding) and costs only its projected vectors (32 KiB a row at 8192 dims) in memory.
+# Rows whose gradients are computed together: a wider window groups lengths better (fuller
+# batches, less padding) and costs only its projected vectors (32 KiB a row at 8192 dims) in memory.
 WINDOW = 512
 
 
@@ -167,8 +167,6 @@ def ingest(store, examples: Sequence, set_name: str, checkpoints: Sequence[Check
                     t2 = time.perf_counter()
                     report.seconds["gradient"] += t1 - t0
                     report.seconds["projection"] += t2 - t1
-                    padded += len(idx) * len(window[idx[0]].input_ids)
-                    real += sum(len(window[i].input_ids) for i in idx)
                     bar.update(len(idx))
                     t0 = time.perf_counter()
                 report.no_response += len(window) - len(vectors)
@@ -179,6 +177,7 @@ def ingest(store, examples: Sequence, set_name: str, checkpoints: Sequence[Check
                     report.written += _write(store, set_name, ckpt.name, kind, config.encodings,
                                              [window[i] for i in rows], [vectors[i] for i in rows], report)
             bar.close()
+            padded, real = padded + computer.tokens["run"], real + computer.tokens["real"]
             del computer, state
     finally:
         if store is not None and given is None:

@@ -160,11 +160,14 @@ def adam_state(model, seed=0):
             torch.from_numpy(rng.random(D).astype(np.float32) * 1e-6))
 
 
+@pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("mode", ["sgd", "adam"])
-def test_batched_equals_batch1(model, mode):
+def test_batched_equals_batch1(model, mode, pack):
     exs = mixed_examples()
-    gc = GradientComputer(model, adam_state(model) if mode == "adam" else None, mode=mode, token_budget=64)
-    assert len(gc.batches(exs)) > 2  # several padded batches, not one
+    gc = GradientComputer(model, adam_state(model) if mode == "adam" else None, mode=mode, token_budget=64,
+                          pack=pack)
+    assert gc.packed == pack
+    assert len(gc.batches(exs)) > 2  # several batches, not one
     batched = list(gc.gradients(exs))
     assert batched[3][1] is None and gc.skipped == 1
     ref = np.stack([gc.gradient(e) for i, e in enumerate(exs) if i != 3])
@@ -181,17 +184,20 @@ def test_batched_sgd_equals_hf_loss_backward(model):
         np.testing.assert_allclose(got[id(e)], reference_grad(model, e), rtol=1e-4, atol=1e-6)
 
 
-def test_batches_respect_the_token_budget(model):
+@pytest.mark.parametrize("pack, expected", [(True, [[5], [1], [3, 2], [0, 6, 4]]),
+                                             (False, [[5], [1], [3], [2, 0, 6], [4]])])
+def test_batches_respect_the_token_budget(model, pack, expected):
     exs = [example(i, n=n, prompt=1) for i, n in enumerate([10, 40, 12, 25, 5, 70, 10])]
-    gc = GradientComputer(model, mode="sgd", token_budget=40)
+    gc = GradientComputer(model, mode="sgd", token_budget=40, pack=pack)
     plan = gc.batches(exs)
     assert sorted(i for b in plan for i in b) == list(range(len(exs)))
     assert plan[0] == [5]  # longer than the budget: alone
     lengths = [len(exs[b[0]].input_ids) for b in plan]
     assert lengths == sorted(lengths, reverse=True)
-    for b in plan[1:]:
-        assert len(b) * max(len(exs[i].input_ids) for i in b) <= 40
-    assert plan == [[5], [1], [3], [2, 0, 6], [4]]
+    for b in plan[1:]:  # packed: the tokens; padded: the rows times the longest
+        sizes = [len(exs[i].input_ids) for i in b]
+        assert (sum(sizes) if pack else len(b) * max(sizes)) <= 40
+    assert plan == expected
     gc.max_rows = 2
     assert all(len(b) <= 2 for b in gc.batches(exs))
 
@@ -210,6 +216,32 @@ def test_batched_bf16_selects_the_same_top_rows(model):
     def top(x):  # LESS's score, top 5%
         return set(np.argsort(-(x @ task) / np.linalg.norm(x, axis=1))[:3])
     assert top(got) == top(ref)
+
+
+@pytest.mark.parametrize("family", ["eager llama", "mistral, sliding window 6"])
+def test_models_packing_cannot_serve_plainly_still_equal_batch1(family):
+    """An eager-attention model is padded (its attention is not in the interface); a sliding
+    window is kept per packed example by the model's own attention."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(1)
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 64}
+    if family == "eager llama":
+        base = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="eager"))
+    else:
+        base = MistralForCausalLM(MistralConfig(**shape, sliding_window=6, attn_implementation="sdpa"))
+    m = attach_lora(base, r=4, alpha=16, seed=0)
+    with torch.no_grad():
+        for n, p in trainable_parameters(m):
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    gc = GradientComputer(m, mode="sgd", token_budget=64)
+    assert gc.packed == (family != "eager llama")
+    exs = [e for i, e in enumerate(mixed_examples()) if i != 3]
+    got = np.stack([v for _, v in gc.gradients(exs)])
+    ref = np.stack([gc.gradient(e) for e in exs])
+    assert cosines(got, ref).min() >= 0.9999
 
 
 def test_batched_rejects_a_trainable_non_lora_parameter(model):
