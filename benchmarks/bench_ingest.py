@@ -35,13 +35,14 @@ import argparse
 import itertools
 import json
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine, print_machine, print_table, write_json
+from common import RESULTS_DIR, machine, print_machine, print_table, write_json
 from rss import PeakRSS
 
 import gradstore
@@ -202,14 +203,20 @@ def main(argv=None) -> dict:
     n = 6 if args.quick else args.rows
     configs = [(512, 8)] if args.quick else args.config or [(512, 8), (512, 128), (1024, 8), (1024, 128)]
     name = "ingest_quick" if args.quick else f"ingest_{device.type}"
-    out = {"machine": info, "quick": args.quick, "dim": DIM, "encodings": ENCODINGS, "results": []}
+    # Each run is appended to the file's history: runs on other days and loads stay comparable.
+    previous = RESULTS_DIR / f"{name}.json"
+    runs = json.loads(previous.read_text()).get("runs", []) if previous.exists() else []
+    out = {"command": "benchmarks/bench_ingest.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "machine": info, "quick": args.quick, "results": []}
+    runs.append(out)
     for max_length, r in configs:
         rows = pool_rows(tokenizer, n, max_length)
         res = run_config(base, rows, r, args.token_budget, bergson, device, args.repeat)
         res["max_length"] = max_length
         out["results"].append(res)
         print(json.dumps(res), flush=True)
-        write_json(name, out)  # after every configuration: a long run stopped early keeps its results
+        # After every configuration: a long run stopped early keeps its results.
+        write_json(name, {"runs": runs, "dim": DIM, "encodings": ENCODINGS})
     results = out["results"]
     rows = [[res["max_length"], res["r"], res["rows"], f"{res['tokens'] / res['rows']:.0f}",
              f"{res['batch1_examples_per_s']:.2f}", f"{res['padded_examples_per_s']:.2f}",

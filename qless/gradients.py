@@ -53,6 +53,7 @@ from .data import IGNORE_INDEX
 from .model import disable_cpu_repacking
 from .optimizer_state import flatten_state, trainable_parameters
 from .packing import pack_attention
+from .projection import CHUNK
 
 DEFAULT_TOKEN_BUDGET = IngestConfig.token_budget  # the ingest config owns the default
 DEFAULT_GRADIENT_BYTES = 512 << 20
@@ -120,8 +121,12 @@ class GradientComputer:
         if self.mode == "sgd":
             return g
         beta1, beta2 = self.betas
-        v = (g * g).mul_(1 - beta2).add_(self.v, alpha=beta2)
-        return g.mul_(1 - beta1).add_(self.m, alpha=beta1).div_(v.add_(self.eps).sqrt_())
+        for start in range(0, self.dim, CHUNK):  # chunks: the temporaries stay in cache
+            part = slice(start, start + CHUNK)
+            g_ = g[..., part]
+            v = (g_ * g_).mul_(1 - beta2).add_(self.v[part], alpha=beta2)
+            g_.mul_(1 - beta1).add_(self.m[part], alpha=beta1).div_(v.add_(self.eps).sqrt_())
+        return g
 
     # -- the default path: length-sorted batches (packed or padded), per-example gradients from hooks --
 

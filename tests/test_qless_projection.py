@@ -139,3 +139,21 @@ def test_jl_inner_products_dense_and_agreement_with_sparse():
     cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
     assert abs(cos(yd[0], yd[1]) - 0.6) < 0.05
     assert abs(cos(ys[0], ys[1]) - 0.6) < 0.05
+
+
+@pytest.mark.parametrize("nnz", [1, 3])
+def test_sparse_column_chunks_give_the_same_sums(monkeypatch, nnz):
+    """Chunks of 7 columns (not dividing 100) equal one whole-row step, bit for bit, and the
+    explicit matrix product."""
+    from qless import projection
+
+    x = np.random.default_rng(0).standard_normal((3, 100)).astype(np.float32)
+    P = SparseRademacher(100, dim=16, seed=5, nnz=nnz)
+    whole = P.project(x)
+    monkeypatch.setattr(projection, "CHUNK", 7)
+    np.testing.assert_array_equal(P.project(x), whole)
+    matrix = np.zeros((100, 16))
+    for k in range(nnz):
+        b, s = P.hash(k, 0, 100)
+        np.add.at(matrix, (np.arange(100), b), s)
+    np.testing.assert_allclose(whole, x.astype(np.float64) @ matrix / nnz**0.5, rtol=1e-6, atol=1e-6)
