@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Ingest examples/s on a CUDA GPU: LESS's batch-1 loop vs qless's batched path, SmolLM2-135M bf16,
+# Ingest examples/s on a CUDA GPU: LESS's batch-1 loop vs qless's packed and padded batches, SmolLM2-135M bf16,
 # real pool rows up to 512 and 1,024 tokens, LoRA r=8 and 128 (bergson is not run: its
 # environment is the CPU one). Needs a Python with a CUDA build of torch and this project
 # installed: PY=/path/to/python (default .venv/bin/python). Writes benchmarks/results/ingest_cuda.json.

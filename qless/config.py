@@ -152,8 +152,8 @@ class IngestConfig(_Checked):
     projection: str = "sparse-rademacher"
     seed: int = 0  # the projection's
     batch_size: int = 32  # rows per store transaction
-    # Padded tokens per forward/backward: bergson's default; 1-2k was fastest on a 2-core CPU
-    # (benchmarks/bench_ingest.py); raise it on a GPU.
+    # Tokens per forward/backward (packed; padded where the model cannot be packed): bergson's
+    # default; 1-2k was fastest on a 2-core CPU (benchmarks/bench_ingest.py); raise it on a GPU.
     token_budget: int = 2048
 
     def __post_init__(self):

@@ -55,7 +55,6 @@ from .optimizer_state import flatten_state, trainable_parameters
 from .packing import pack_attention
 from .projection import CHUNK
 
-DEFAULT_TOKEN_BUDGET = IngestConfig.token_budget  # the ingest config owns the default
 DEFAULT_GRADIENT_BYTES = 512 << 20
 
 
@@ -68,7 +67,7 @@ class GradientComputer:
     """Flat per-example LoRA gradients (mode "sgd") or Adam directions (mode "adam")."""
 
     def __init__(self, model, optimizer_state: Any = None, mode: str = "adam",
-                 token_budget: int = DEFAULT_TOKEN_BUDGET, gradient_bytes: int = DEFAULT_GRADIENT_BYTES,
+                 token_budget: int = IngestConfig.token_budget, gradient_bytes: int = DEFAULT_GRADIENT_BYTES,
                  betas: tuple[float, float] = ADAM_BETAS, eps: float = ADAM_EPS, pack: bool = True):
         if mode not in ("adam", "sgd"):
             raise ValueError(f"mode must be 'adam' or 'sgd', got {mode!r}")

@@ -8,7 +8,7 @@ example attends causally within each example; any other forward runs the model's
 implementation unchanged (the batch-1 reference path, generation).
 
 On CPU each example's attention is plain bf16/fp32 matmuls with a float32 softmax (as
-transformers' eager attention computes it): at 100-1,000 tokens, head dim 64, that is 1.4-2.5x
+transformers' eager attention computes it): at 100-400 tokens, head dim 64, that is 1.4-2.5x
 faster than torch's CPU flash-attention kernel forward and backward
 (benchmarks/bench_ingest.py). On other devices, and where the model asks for more than plain
 causal attention (sliding window, soft-capping, sinks), each example goes to the model's own
