@@ -39,6 +39,7 @@ the same for every such row).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -165,7 +166,7 @@ class GradientComputer:
         return modules
 
     def _inputs(self, examples: Sequence) -> tuple[dict, torch.Tensor, torch.Tensor, list[int], list[int]]:
-        """The model's inputs for one batch; each position's target (the next token's label, -100
+        """The model's inputs for one batch (on its device); each position's target (the next token's label, -100
         where it predicts none) and loss weight, flattened over the batch; each example's first
         flat position (packed: its offset in the sequence; padded: its row's) and length."""
         lengths = [len(ex.input_ids) for ex in examples]
@@ -174,7 +175,8 @@ class GradientComputer:
                 raise ValueError(f"input_ids and labels must be equal-length lists, got "
                                  f"{len(ex.input_ids)} and {len(ex.labels)}")
         width = sum(lengths) if self.packed else max(lengths)  # flat length of one row of the batch
-        starts = [sum(lengths[:b]) if self.packed else b * width for b in range(len(examples) + 1)]
+        starts = list(itertools.accumulate(lengths, initial=0)) if self.packed else \
+            [b * width for b in range(len(examples) + 1)]
         ids = torch.zeros(starts[-1], dtype=torch.long)
         target = torch.full((starts[-1],), IGNORE_INDEX, dtype=torch.long)
         weight = torch.zeros(starts[-1])
@@ -185,12 +187,12 @@ class GradientComputer:
             if not labelled.any():
                 raise ValueError("batch_tensor: an example has no response tokens (use batches())")
             weight[start:start + k][labelled] = 1.0 / int(labelled.sum())
-        if self.packed:
-            inputs = {"input_ids": ids[None],
-                      "position_ids": torch.cat([torch.arange(k) for k in lengths])[None],
+        if self.packed:  # the boundaries stay on the CPU: the attention reads them as numbers
+            inputs = {"input_ids": ids[None].to(self.device),
+                      "position_ids": torch.cat([torch.arange(k) for k in lengths])[None].to(self.device),
                       "cu_seq_lens_q": torch.tensor(starts)}
         else:  # no attention mask: padding is on the right, so no real token sees a pad
-            inputs = {"input_ids": ids.view(len(examples), width)}
+            inputs = {"input_ids": ids.view(len(examples), width).to(self.device)}
         return inputs, target, weight, starts, lengths
 
     def batch_tensor(self, examples: Sequence) -> torch.Tensor:
@@ -217,8 +219,7 @@ class GradientComputer:
         handles.append(self.model.get_output_embeddings().register_forward_pre_hook(only_kept))
         try:
             with torch.enable_grad():
-                logits = self.model(**{k: v.to(self.device) for k, v in inputs.items()},
-                                    use_cache=False).logits.float()
+                logits = self.model(**inputs, use_cache=False).logits.float()
                 loss = (F.cross_entropy(logits, target, reduction="none") * weight).sum()
                 del logits
                 outputs = [seen[m][1] for m in modules]
