@@ -349,7 +349,8 @@ def eval_(task, adapter, data_dir, predictions, fmt, silent, **options):
 @click.option("--seed", default=IngestConfig.seed, show_default=True, help="Projection seed.")
 @click.option("--batch-size", default=IngestConfig.batch_size, show_default=True, help="Rows per store transaction.")
 @click.option("--token-budget", default=IngestConfig.token_budget, show_default=True,
-              help="Padded tokens per forward/backward (examples are batched by length; raise it on a GPU).")
+              help="Tokens per forward/backward (examples sorted by length, packed into one "
+                   "sequence; raise it on a GPU).")
 @click.option("--shard", type=SHARD, help="i/n: ingest the i-th of n contiguous shards (default: from torchrun/accelerate).")
 @click.option("--ray", "ray_workers", type=click.IntRange(min=1), metavar="N",
               help="Spread the rows over N Ray workers, each writing its own shard store under --store"
