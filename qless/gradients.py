@@ -57,11 +57,39 @@ from .packing import pack_attention
 from .projection import CHUNK
 
 DEFAULT_GRADIENT_BYTES = 512 << 20
+# Logit rows per step of the batch loss (16 x a 49K vocabulary in float32 stays in L2).
+LOSS_ROWS = 16
 
 
 def response_tokens(example) -> int:
     """How many positions predict a label (the label at position 0 predicts nothing)."""
     return sum(1 for y in example.labels[1:] if y != IGNORE_INDEX)
+
+
+class WeightedCrossEntropy(torch.autograd.Function):
+    """sum_k weight_k * cross_entropy(logits_k, target_k), the logits upcast to float32 as HF's
+    loss does, with the gradient autograd would give, but a few rows at a time: the float32
+    logits, log-probabilities and their gradient are never whole (vocabulary x response tokens,
+    ~200 MB each for a 2K-token batch of a 49K-word model). The gradient is formed in the forward
+    (the batch needs exactly one backward) and kept in the logits' dtype."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight):
+        grad = torch.empty_like(logits)
+        loss = logits.new_zeros((), dtype=torch.float32)
+        for start in range(0, logits.shape[0], LOSS_ROWS):
+            rows = slice(start, start + LOSS_ROWS)
+            y, w = target[rows, None], weight[rows, None]
+            logp = torch.log_softmax(logits[rows], -1, dtype=torch.float32)
+            loss -= (w * logp.gather(1, y)).sum()
+            grad[rows] = logp.exp_().mul_(w).scatter_add_(1, y, -w)  # w (softmax - onehot)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, upstream):
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(upstream.to(grad.dtype)), None, None
 
 
 class GradientComputer:
@@ -219,8 +247,8 @@ class GradientComputer:
         handles.append(self.model.get_output_embeddings().register_forward_pre_hook(only_kept))
         try:
             with torch.enable_grad():
-                logits = self.model(**inputs, use_cache=False).logits.float()
-                loss = (F.cross_entropy(logits, target, reduction="none") * weight).sum()
+                logits = self.model(**inputs, use_cache=False).logits
+                loss = WeightedCrossEntropy.apply(logits.flatten(0, -2), target, weight)
                 del logits
                 outputs = [seen[m][1] for m in modules]
                 grads = torch.autograd.grad(loss, outputs)
