@@ -1,13 +1,15 @@
 """qless.packing: one example's matmul attention equals torch's causal attention, and a packed
 batch attends within each example only."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qless.packing import causal_attention, packed_attention
+from qless.packing import PackedCausalAttention, packed_attention
 
 
 def qkv(n, heads, kv_heads, d, seed, dtype=torch.float32):
@@ -22,11 +24,13 @@ def sdpa(q, k, v, scaling):  # torch's, (1, n, heads, d) as transformers' implem
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 40), kv_heads=st.integers(1, 3), group=st.integers(1, 4),
-       d=st.sampled_from([4, 8, 16]), seed=st.integers(0, 2**16))
-def test_causal_attention_equals_sdpa_with_its_gradients(n, kv_heads, group, d, seed):
-    q, k, v = qkv(n, kv_heads * group, kv_heads, d, seed)
-    got, want = causal_attention(q, k, v, d ** -0.5), sdpa(q, k, v, d ** -0.5)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=4), kv_heads=st.integers(1, 3),
+       group=st.integers(1, 4), d=st.sampled_from([4, 8, 16]), seed=st.integers(0, 2**16))
+def test_packed_causal_attention_equals_sdpa_per_example_with_its_gradients(lengths, kv_heads, group, d, seed):
+    q, k, v = qkv(sum(lengths), kv_heads * group, kv_heads, d, seed)
+    got = PackedCausalAttention.apply(q, k, v, tuple(lengths), d ** -0.5)
+    want = torch.cat([sdpa(*(t[:, :, s:s + n] for t in (q, k, v)), d ** -0.5)
+                      for s, n in zip(itertools.accumulate(lengths, initial=0), lengths)], 1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     up = torch.randn_like(got)
     for a, b in zip(torch.autograd.grad(got, (q, k, v), up), torch.autograd.grad(want, (q, k, v), up)):
