@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qless.projection import (
     DenseRademacher,
@@ -157,3 +159,46 @@ def test_sparse_column_chunks_give_the_same_sums(monkeypatch, nnz):
         b, s = P.hash(k, 0, 100)
         np.add.at(matrix, (np.arange(100), b), s)
     np.testing.assert_allclose(whole, x.astype(np.float64) @ matrix / nnz**0.5, rtol=1e-6, atol=1e-6)
+
+
+# -- a row projected piece by piece (the fused gradient path: one LoRA module at a time) --
+
+PROJECTIONS = {
+    "sparse nnz 1": lambda D, d: SparseRademacher(D, dim=d, seed=3),
+    "sparse nnz 2": lambda D, d: SparseRademacher(D, dim=d, seed=3, nnz=2),
+    "dense (numba)": lambda D, d: DenseRademacher(D, dim=d, seed=3),
+    "dense (materialized)": lambda D, d: DenseRademacher(D, dim=d, seed=3, chunk_rows=16, materialize=True),
+}
+
+
+@settings(max_examples=25, deadline=None)
+@given(kind=st.sampled_from(sorted(PROJECTIONS)), n=st.integers(1, 4), D=st.integers(1, 300),
+       d=st.integers(1, 40), chunk=st.sampled_from([7, 16, 1 << 14]), data=st.data())
+def test_accumulate_over_column_pieces_equals_project(kind, n, D, d, chunk, data):
+    """Any split of the columns (ranges off the groups of 8 and the column chunks included),
+    accumulated piece by piece, gives `project` of the whole row."""
+    from qless import projection
+
+    P = PROJECTIONS[kind](D, d)
+    x = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))).standard_normal((n, D)).astype(np.float32)
+    cuts = sorted(data.draw(st.lists(st.integers(0, D), max_size=6)))
+    old, projection.CHUNK = projection.CHUNK, chunk  # chunks that do and do not divide the pieces
+    try:
+        whole = P.project(x)
+        out = P.accumulator(n, "cpu")
+        for a, b in zip([0] + cuts, cuts + [D]):
+            P.accumulate(out, torch.from_numpy(x[:, a:b]), a)
+        pieces = P.finish(out)
+    finally:
+        projection.CHUNK = old
+    assert pieces.dtype == torch.float32 and pieces.shape == (n, d)
+    np.testing.assert_allclose(pieces.numpy(), whole, rtol=1e-6, atol=1e-6 * np.abs(whole).max())
+
+
+def test_accumulate_rejects_a_range_outside_the_row():
+    P = SparseRademacher(10, dim=4)
+    out = P.accumulator(1, "cpu")
+    with pytest.raises(ValueError, match="column range"):
+        P.accumulate(out, torch.zeros(1, 4), 8)
+    with pytest.raises(ValueError, match="column range"):
+        P.accumulate(out, torch.zeros(4), 0)
