@@ -10,7 +10,7 @@ model's trainable-parameter order (the order `optimizer_state.load_optimizer_sta
   checkpoint's AdamW betas and eps (0.9, 0.999, 1e-8 by default, as LESS).
 
 Two paths to the same vectors:
-- `batched(examples)` (the default, what ingest runs): examples sorted by length and grouped into
+- `batched(examples)` (the default): examples sorted by length and grouped into
   batches of at most `token_budget` tokens; one forward and one backward per batch. A batch is
   packed (the examples one after the other in one sequence, position ids restarting per
   example, attention kept inside each example by `qless.packing`) where the model dispatches
@@ -21,12 +21,19 @@ Two paths to the same vectors:
   lora_A that is (B^T d) x^T, for lora_B d (A x)^T, the LoRA scaling folded into d). Each
   token's loss is weighted by 1 / (its example's response-token count), so each example's
   gradient is that of its own mean loss, as at batch size 1.
+  `batched(examples, projection)` (what ingest runs) yields the projected vectors instead, never
+  forming the (n, dim) per-example gradients: per LoRA module, in parameter order, its (n, size)
+  block is formed, turned into the Adam direction (that module's columns of m and v) and its
+  projection accumulated (`Projection.accumulate`). The same vectors as projecting `batched`'s
+  to float32 rounding (the sums run in another order).
 - `gradient(example)`: LESS's loop, one forward and backward per example (its forward asks
   only for the logits of positions that predict a label), through the model's own attention:
   the reference the tests hold the batched path to (cosine >= 0.9999 per row in fp32).
 
-Memory: activations grow with the token budget; the per-example gradients of a batch,
-float32 (n, dim), are capped at `gradient_bytes` by limiting the examples per batch.
+Memory: activations grow with the token budget; without a projection the per-example
+gradients of a batch, float32 (n, dim), are capped at `gradient_bytes` by limiting the examples
+per batch; with one a batch holds n x the projection's dim and one module's block, so only the
+token budget bounds it.
 
 Mode: the model runs in eval mode, as in LESS (`from_pretrained` returns an eval-mode model and
 LESS never calls `train()`), so LoRA dropout is off and the gradient is deterministic.
@@ -114,9 +121,9 @@ class GradientComputer:
         self.token_budget = token_budget
         self.max_rows = max(1, gradient_bytes // (4 * self.dim))
         self.skipped = 0
-        # Seconds spent forming per-example gradients from the hooks' tensors (the part a
-        # factored projection could replace) and in the model's forward and backward.
-        self.seconds = {"model": 0.0, "per_example": 0.0}
+        # Seconds in the model's forward and backward, forming per-example gradients from the
+        # hooks' tensors (the part a factored projection could replace), and projecting them.
+        self.seconds = {"model": 0.0, "per_example": 0.0, "projection": 0.0}
         # Tokens the batches ran through the model, and those of the examples (the rest is padding).
         self.tokens = {"run": 0, "real": 0}
         self.m = self.v = None
@@ -144,16 +151,19 @@ class GradientComputer:
         # Packed batches carry no padding; `pack=False` (or a model packing cannot serve) pads.
         self.packed = pack and pack_attention(model)
 
-    def _direction(self, g: torch.Tensor) -> torch.Tensor:
-        """g itself (sgd), or the Adam direction of g (rows or one vector), in place of g."""
+    def _direction(self, g: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """g itself (sgd), or the Adam direction of g (rows or one vector), in place of g; g holds
+        the coordinates [start, start + g.shape[-1]) (one module's block, or the whole vector)."""
         if self.mode == "sgd":
             return g
         beta1, beta2 = self.betas
-        for start in range(0, self.dim, CHUNK):  # chunks: the temporaries stay in cache
-            part = slice(start, start + CHUNK)
-            g_ = g[..., part]
-            v = (g_ * g_).mul_(1 - beta2).add_(self.v[part], alpha=beta2)
-            g_.mul_(1 - beta1).add_(self.m[part], alpha=beta1).div_(v.add_(self.eps).sqrt_())
+        width = g.shape[-1]
+        for a in range(0, width, CHUNK):  # chunks: the temporaries stay in cache
+            b = min(a + CHUNK, width)
+            state = slice(start + a, start + b)
+            g_ = g[..., a:b]
+            v = (g_ * g_).mul_(1 - beta2).add_(self.v[state], alpha=beta2)
+            g_.mul_(1 - beta1).add_(self.m[state], alpha=beta1).div_(v.add_(self.eps).sqrt_())
         return g
 
     # -- the default path: length-sorted batches (packed or padded), per-example gradients from hooks --
@@ -162,17 +172,18 @@ class GradientComputer:
         """Tokens a batch of examples of these lengths (longest first) runs through the model."""
         return sum(lengths) if self.packed else len(lengths) * lengths[0]
 
-    def batches(self, examples: Sequence) -> list[list[int]]:
+    def batches(self, examples: Sequence, capped: bool = True) -> list[list[int]]:
         """Indices of `examples` grouped into batches, longest first, each at most `token_budget`
-        tokens (a longer example is a batch alone) and `max_rows` examples. Examples without
-        response tokens are left out."""
+        tokens (a longer example is a batch alone) and, if `capped` (the (n, dim) vectors are
+        formed), `max_rows` examples. Examples without response tokens are left out."""
+        max_rows = self.max_rows if capped else len(examples)
         order = sorted((i for i, ex in enumerate(examples) if response_tokens(ex) > 0),
                        key=lambda i: -len(examples[i].input_ids))
         out: list[list[int]] = []
         lengths: list[int] = []
         for i in order:
             n = len(examples[i].input_ids)
-            if out and len(out[-1]) < self.max_rows and self._cost(lengths + [n]) <= self.token_budget:
+            if out and len(out[-1]) < max_rows and self._cost(lengths + [n]) <= self.token_budget:
                 out[-1].append(i)
                 lengths.append(n)
             else:
@@ -223,9 +234,12 @@ class GradientComputer:
             inputs = {"input_ids": ids.view(len(examples), width).to(self.device)}
         return inputs, target, weight, starts, lengths
 
-    def batch_tensor(self, examples: Sequence) -> torch.Tensor:
-        """float32 (n, dim) vectors of `examples` (each with response tokens) from one forward
-        and backward, on the model's device."""
+    def _module_vectors(self, examples: Sequence, out: torch.Tensor | None = None
+                        ) -> Iterator[tuple[int, torch.Tensor]]:
+        """One forward and backward of `examples` (each with response tokens), then per LoRA
+        module in parameter order (its first coordinate, the float32 (n, size) block of the
+        examples' vectors: g or its Adam direction, on the model's device). Blocks are written
+        into `out` (n, dim) when given, else each is new."""
         inputs, target, weight, starts, lengths = self._inputs(examples)
         self.tokens["run"] += inputs["input_ids"].numel()
         self.tokens["real"] += sum(lengths)
@@ -255,28 +269,58 @@ class GradientComputer:
         finally:
             for h in handles:
                 h.remove()
-        t1 = time.perf_counter()
-        out = torch.empty(len(examples), self.dim, dtype=torch.float32, device=self.device)
+        self.seconds["model"] += time.perf_counter() - t0
         offset = 0
         for module, d in zip(modules, grads):
+            t0 = time.perf_counter()
             x = seen.pop(module)[0].flatten(0, 1)
             d = d.flatten(0, 1)
             size = module.weight.numel()
+            block = torch.empty(len(examples), size, dtype=torch.float32, device=self.device) \
+                if out is None else out[:, offset:offset + size]
             for e, (start, k) in enumerate(zip(starts[:-1], lengths)):
                 # In the model's dtype, as the batch-1 loop's weight gradients (float32 accumulation).
-                out[e, offset:offset + size] = (d[start:start + k].T @ x[start:start + k]).view(-1)
+                block[e] = (d[start:start + k].T @ x[start:start + k]).view(-1)
+            self.seconds["per_example"] += time.perf_counter() - t0
+            yield offset, self._direction(block, offset)
             offset += size
-        self.seconds["model"] += t1 - t0
-        self.seconds["per_example"] += time.perf_counter() - t1
-        return self._direction(out)
 
-    def batched(self, examples: Sequence) -> Iterator[tuple[list[int], torch.Tensor]]:
+    def batch_tensor(self, examples: Sequence) -> torch.Tensor:
+        """float32 (n, dim) vectors of `examples` (each with response tokens) from one forward
+        and backward, on the model's device."""
+        out = torch.empty(len(examples), self.dim, dtype=torch.float32, device=self.device)
+        for _ in self._module_vectors(examples, out):
+            pass
+        return out
+
+    def batch_projected(self, examples: Sequence, projection) -> torch.Tensor:
+        """float32 (n, projection.dim): `projection.project(batch_tensor(examples))` without
+        forming the (n, dim) vectors (each module's block is projected, then dropped)."""
+        acc = projection.accumulator(len(examples), self.device)
+        for offset, block in self._module_vectors(examples):
+            t0 = time.perf_counter()
+            projection.accumulate(acc, block, offset)
+            self.seconds["projection"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = projection.finish(acc)
+        self.seconds["projection"] += time.perf_counter() - t0
+        return out
+
+    def batched(self, examples: Sequence, projection=None) -> Iterator[tuple[list[int], torch.Tensor]]:
         """(indices into `examples`, their float32 (n, dim) vectors) per batch, in batch order;
-        examples without response tokens appear in none and are counted in `skipped`."""
-        plan = self.batches(examples)
+        examples without response tokens appear in none and are counted in `skipped`. With a
+        `projection` (a `qless.projection.Projection` of this computer's dim), the vectors are
+        projected, (n, projection.dim), module by module (`batch_projected`), and batches are
+        not capped at `max_rows`: no (n, dim) buffer is formed."""
+        if projection is not None and projection.input_dim != self.dim:
+            raise ValueError(f"the projection takes {projection.input_dim} coordinates, "
+                             f"the model has {self.dim} trainable")
+        plan = self.batches(examples, capped=projection is None)
         self.skipped += len(examples) - sum(len(b) for b in plan)
         for idx in plan:
-            yield idx, self.batch_tensor([examples[i] for i in idx])
+            batch = [examples[i] for i in idx]
+            yield idx, (self.batch_tensor(batch) if projection is None
+                        else self.batch_projected(batch, projection))
 
     def gradients(self, examples: Iterable) -> Iterator[tuple[Any, np.ndarray | None]]:
         """(example, float32 vector or None without response tokens) for each example, in order."""

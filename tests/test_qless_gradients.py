@@ -183,6 +183,34 @@ def test_batched_equals_batch1(model, mode, pack):
     np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-5 if mode == "sgd" else 1e-3)
 
 
+@pytest.mark.parametrize("projection", ["sparse nnz 1", "sparse nnz 2", "dense", "dense materialized"])
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("mode", ["sgd", "adam"])
+def test_fused_projection_equals_projecting_the_vectors(model, mode, pack, projection, monkeypatch):
+    """batched(examples, projection) (per module: block, direction, accumulate) gives the
+    projection of batched(examples)'s whole vectors, to float32 rounding, in the same batches."""
+    import qless.gradients
+    from qless.projection import DenseRademacher, SparseRademacher
+
+    exs = mixed_examples()
+    gc = GradientComputer(model, adam_state(model) if mode == "adam" else None, mode=mode, token_budget=64,
+                          pack=pack)
+    P = {"sparse nnz 1": lambda: SparseRademacher(gc.dim, dim=64, seed=1),
+         "sparse nnz 2": lambda: SparseRademacher(gc.dim, dim=64, seed=1, nnz=2),
+         "dense": lambda: DenseRademacher(gc.dim, dim=64, seed=1),
+         "dense materialized": lambda: DenseRademacher(gc.dim, dim=64, seed=1, materialize=True)}[projection]()
+    monkeypatch.setattr(qless.gradients, "CHUNK", 100)  # Adam chunks that straddle the modules' edges
+    ref = [(idx, P.project(v)) for idx, v in gc.batched(exs)]
+    got = list(gc.batched(exs, projection=P))
+    assert [idx for idx, _ in got] == [idx for idx, _ in ref] and len(ref) > 2
+    assert gc.skipped == 2  # one example without response tokens, once per pass
+    for (_, a), (_, b) in zip(got, ref):
+        assert a.dtype == torch.float32 and a.shape == b.shape == (b.shape[0], 64)
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max()
+    with pytest.raises(ValueError, match="projection takes"):
+        next(gc.batched(exs, projection=SparseRademacher(gc.dim + 1, dim=8)))
+
+
 def test_batched_sgd_equals_hf_loss_backward(model):
     exs = [example(20, n=30, prompt=10), example(21, n=12, prompt=3)]
     got = dict((id(e), v) for e, v in GradientComputer(model, mode="sgd").gradients(exs))
@@ -206,6 +234,7 @@ def test_batches_respect_the_token_budget(model, pack, expected):
     assert plan == expected
     gc.max_rows = 2
     assert all(len(b) <= 2 for b in gc.batches(exs))
+    assert gc.batches(exs, capped=False) == expected  # the fused path forms no (n, dim) buffer to cap
 
 
 def test_batched_bf16_selects_the_same_top_rows(model):
@@ -310,3 +339,8 @@ def test_batched_equals_batch1_on_cuda(model):
     got = np.stack([v for i, (_, v) in enumerate(gc.gradients(exs)) if i != 3])
     ref = np.stack([gc.gradient(e) for i, e in enumerate(exs) if i != 3])
     assert cosines(got, ref).min() >= 0.9999
+    from qless.projection import SparseRademacher  # the fused path on the device (float32 sums)
+
+    P = SparseRademacher(gc.dim, dim=64, seed=1)
+    for (_, a), (_, b) in zip(gc.batched(exs, projection=P), gc.batched(exs)):
+        assert a.device.type == "cuda" and (a - P.project(b)).abs().max() <= 1e-5 * a.abs().max()
