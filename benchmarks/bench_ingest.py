@@ -7,11 +7,12 @@ token budget; the three qless paths run round-robin, best of `--repeat`. What ea
 - batch-1 (`GradientComputer.gradient_tensor`, the reference): one forward (logits only where a
   label is predicted) and backward per example, the full LoRA gradient, LESS's Adam direction,
   the sparse projection to 8192 dims;
-- packed (`GradientComputer.batched`, what ingest runs): the same vectors from length-sorted
-  batches of at most `--token-budget` tokens, packed into one sequence each (attention kept
-  inside each example), per-example gradients from hooks, the same Adam direction and
-  projection; its min cosine to batch-1's projected vectors is reported;
-- padded (`GradientComputer(pack=False)`, the path for models packing cannot serve): the same
+- packed (`GradientComputer.batched(rows, projection)`, what ingest runs): the same vectors from
+  length-sorted batches of at most `--token-budget` tokens, packed into one sequence each
+  (attention kept inside each example), per-example gradients from hooks, the same Adam
+  direction and projection, module by module (the full-length gradients never formed); its min
+  cosine to batch-1's projected vectors is reported;
+- padded (`GradientComputer(pack=False)`, the path for models packing cannot serve): the same,
   batches padded to their longest example;
 - bergson (`benchmarks/bergson_run.py`, in `.bench-venv`, never a dependency): `bergson build`'s
   collection on the same token ids, labels and adapter: length-grouped padded batches of the same
@@ -100,11 +101,12 @@ def run_bergson(adapter_dir: Path, rows: list, budget: int, tmp: Path) -> dict:
 
 
 def timed_batches(computer, sparse, rows: list, sync) -> tuple[np.ndarray, float]:
-    """The batched path's projected vectors of `rows` (in row order) and its seconds."""
+    """The batched path's projected vectors of `rows` (in row order) and its seconds, as ingest
+    runs it (projected per module)."""
     got = np.zeros((len(rows), DIM), dtype=np.float32)
     t0 = time.perf_counter()
-    for idx, grads in computer.batched(rows):
-        got[idx] = sparse.project(grads).cpu().numpy()
+    for idx, projected in computer.batched(rows, projection=sparse):
+        got[idx] = projected.cpu().numpy()
     sync()
     return got, time.perf_counter() - t0
 
@@ -136,7 +138,7 @@ def run_config(base, rows: list, r: int, budget: int, bergson: bool, device: tor
             best["batch1"] = min(best["batch1"], time.perf_counter() - t0)
         peaks["batch1"] = peak.mib
         for name, computer in (("packed", packed), ("padded", padded)):
-            computer.seconds = {"model": 0.0, "per_example": 0.0}
+            computer.seconds = dict.fromkeys(computer.seconds, 0.0)
             computer.tokens = {"run": 0, "real": 0}
             with PeakRSS() as peak:
                 got, seconds = timed_batches(computer, sparse, rows, sync)
@@ -162,7 +164,7 @@ def run_config(base, rows: list, r: int, budget: int, bergson: bool, device: tor
     res = {"r": r, "lora_params": dim, "rows": n, "tokens": tokens, "repeat": repeat,
            "max_tokens": max(len(ex.input_ids) for ex in rows), "token_budget": budget,
            "packed": packed.packed, "padding_when_padded": 1 - padded.tokens["real"] / padded.tokens["run"],
-           "batches": len(packed.batches(rows)),
+           "batches": len(packed.batches(rows, capped=False)),
            "batch1_examples_per_s": n / best["batch1"], "batched_examples_per_s": n / t_batched,
            "padded_examples_per_s": n / best["padded"], "speedup_vs_batch1": best["batch1"] / t_batched,
            "padded_speedup_vs_batch1": best["batch1"] / best["padded"],
