@@ -24,7 +24,7 @@ Two paths to the same vectors:
   `batched(examples, projection)` (what ingest runs) yields the projected vectors instead, never
   forming the (n, dim) per-example gradients: per LoRA module, in parameter order, its (n, size)
   block is formed, turned into the Adam direction (that module's columns of m and v) and its
-  projection accumulated (`Projection.accumulate`). The same vectors as projecting `batched`'s
+  projection accumulated (`Projection.accumulate`): `projection.project` of `batched`'s vectors
   to float32 rounding (the sums run in another order).
 - `gradient(example)`: LESS's loop, one forward and backward per example (its forward asks
   only for the logits of positions that predict a label), through the model's own attention:
