@@ -68,6 +68,17 @@ DEFAULT_GRADIENT_BYTES = 512 << 20
 LOSS_ROWS = 16
 
 
+def _token_tensors(input_ids, labels, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An example's input_ids and labels as 1-D long tensors; a one-line error unless they are
+    flat lists of one length."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+    lab = torch.as_tensor(labels, dtype=torch.long, device=device)
+    if ids.shape != lab.shape or ids.ndim != 1:
+        raise ValueError(f"input_ids and labels must be equal-length lists, got "
+                         f"{len(input_ids)} and {len(labels)}")
+    return ids, lab
+
+
 def response_tokens(example) -> int:
     """How many positions predict a label (the label at position 0 predicts nothing)."""
     return sum(1 for y in example.labels[1:] if y != IGNORE_INDEX)
@@ -209,10 +220,6 @@ class GradientComputer:
         where it predicts none) and loss weight, flattened over the batch; each example's first
         flat position (packed: its offset in the sequence; padded: its row's) and length."""
         lengths = [len(ex.input_ids) for ex in examples]
-        for ex in examples:
-            if len(ex.input_ids) != len(ex.labels):
-                raise ValueError(f"input_ids and labels must be equal-length lists, got "
-                                 f"{len(ex.input_ids)} and {len(ex.labels)}")
         width = sum(lengths) if self.packed else max(lengths)  # flat length of one row of the batch
         starts = list(itertools.accumulate(lengths, initial=0)) if self.packed else \
             [b * width for b in range(len(examples) + 1)]
@@ -220,8 +227,9 @@ class GradientComputer:
         target = torch.full((starts[-1],), IGNORE_INDEX, dtype=torch.long)
         weight = torch.zeros(starts[-1])
         for ex, start, k in zip(examples, starts, lengths):
-            ids[start:start + k] = torch.as_tensor(ex.input_ids)
-            target[start:start + k - 1] = torch.as_tensor(ex.labels[1:])
+            example_ids, labels = _token_tensors(ex.input_ids, ex.labels)
+            ids[start:start + k] = example_ids
+            target[start:start + k - 1] = labels[1:]
             labelled = target[start:start + k] != IGNORE_INDEX
             if not labelled.any():
                 raise ValueError("batch_tensor: an example has no response tokens (use batches())")
@@ -334,11 +342,7 @@ class GradientComputer:
     # -- the reference: LESS's batch-1 loop --
 
     def _loss(self, input_ids: list[int], labels: list[int]) -> torch.Tensor | None:
-        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
-        lab = torch.as_tensor(labels, dtype=torch.long, device=self.device)
-        if ids.shape != lab.shape or ids.ndim != 1:
-            raise ValueError(f"input_ids and labels must be equal-length lists, got "
-                             f"{len(input_ids)} and {len(labels)}")
+        ids, lab = _token_tensors(input_ids, labels, self.device)
         target = lab[1:]  # position t predicts token t+1
         keep = torch.nonzero(target != IGNORE_INDEX).flatten()
         if keep.numel() == 0:

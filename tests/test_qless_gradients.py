@@ -133,6 +133,16 @@ def test_bad_arguments(model):
         GradientComputer(model, optimizer_state=(torch.zeros(3), torch.zeros(3)))
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_unequal_input_ids_and_labels_are_one_line_errors_on_both_paths(model, pack):
+    ex = example()
+    bad = Ex(ex.input_ids, ex.labels[:-1])
+    computer = GradientComputer(model, mode="sgd", pack=pack)
+    for run in (lambda: computer.gradient(bad), lambda: list(computer.batched([ex, bad]))):
+        with pytest.raises(ValueError, match=r"^input_ids and labels must be equal-length lists, got 20 and 19$"):
+            run()
+
+
 @pytest.mark.slow
 def test_smollm2_gradient_matches_hf_backward():
     from qless.model import load_model
