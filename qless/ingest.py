@@ -158,19 +158,16 @@ def ingest(store, examples: Sequence, set_name: str, checkpoints: Sequence[Check
             report.already_stored += len(examples) - len(todo)
             bar = tqdm(total=len(todo), desc=f"{set_name}@{ckpt.name}", unit="row", file=sys.stderr,
                        disable=not progress, dynamic_ncols=True)
+            batches_s = 0.0
             for start in range(0, len(todo), WINDOW):
                 window = todo[start:start + WINDOW]
                 vectors: dict[int, np.ndarray] = {}
-                t0, projecting = time.perf_counter(), computer.seconds["projection"]
+                t0 = time.perf_counter()
                 for idx, rows in computer.batched(window, projection=project):
                     for i, row in zip(idx, rows.cpu().numpy()):
                         vectors[i] = row
-                    # the projection runs inside the batches (per module): its share is timed there
-                    t1, projected = time.perf_counter(), computer.seconds["projection"] - projecting
-                    report.seconds["gradient"] += t1 - t0 - projected
-                    report.seconds["projection"] += projected
                     bar.update(len(idx))
-                    t0, projecting = time.perf_counter(), computer.seconds["projection"]
+                batches_s += time.perf_counter() - t0
                 report.no_response += len(window) - len(vectors)
                 bar.update(len(window) - len(vectors))
                 keep = [i for i in range(len(window)) if i in vectors]
@@ -179,6 +176,9 @@ def ingest(store, examples: Sequence, set_name: str, checkpoints: Sequence[Check
                     report.written += _write(store, set_name, ckpt.name, kind, config.encodings,
                                              [window[i] for i in rows], [vectors[i] for i in rows], report)
             bar.close()
+            # The projection runs inside the batches (per module), which time it themselves.
+            report.seconds["projection"] += computer.seconds["projection"]
+            report.seconds["gradient"] += batches_s - computer.seconds["projection"]
             padded, real = padded + computer.tokens["run"], real + computer.tokens["real"]
             del computer, state
     finally:
