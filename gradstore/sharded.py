@@ -134,13 +134,12 @@ def _check_shardable(descriptions: list[StoreDescription], plan: dict) -> None:
                 f"cannot shard: checkpoints differ: {first.path} has {', '.join(names) or 'none'},"
                 f" {d.path} has {', '.join(theirs) or 'none'}")
     for name, p in plan["sets"].items():
-        owner: dict[str, str] = {}
         for path, ids in p.get("src_ids", {}).items():
             for row_id in ids:
-                if row_id in owner:
+                first = p["ids"][row_id][0]  # merge's plan: the first source holding the id
+                if first != path:
                     raise DuplicateIdError(f"cannot shard: id {row_id!r} of set {name!r} is in"
-                                           f" both {owner[row_id]} and {path}")
-                owner[row_id] = path
+                                           f" both {first} and {path}")
 
 
 @dataclass(frozen=True)
@@ -157,7 +156,7 @@ class _MergedSet:
         """From merge's plan of the set (`p`) and the shards' descriptions."""
         held = {i: d.sets[name] for i, d in enumerate(descriptions) if name in d.sets}
         spans, start = [], 0
-        for i, rec in held.items():
+        for i in held:
             n = len(p.get("src_ids", {}).get(descriptions[i].path, ()))
             if n:
                 spans.append((i, start, n))
@@ -322,9 +321,9 @@ class ShardedStore:
 
 def _execute(sharded: ShardedStore, plan: Plan) -> Result:
     """Fan the plan out to the shards, a round per stage, and keep the best of their answers."""
-    merged = sharded._set(plan.set_name)
-    spans = [(i, start, n) for i, start, n in merged.spans
-             if rows_in_every(merged.written[i], plan.checkpoints)]
+    whole = sharded._set(plan.set_name)
+    spans = [(i, start, n) for i, start, n in whole.spans
+             if rows_in_every(whole.written[i], plan.checkpoints)]
     # the task rows every stage reads, each fetched once from the shards holding them
     tasks = sharded._read_all(dict.fromkeys(
         (t.name, c, stage.task_encodings[i])

@@ -203,6 +203,21 @@ def test_incompatible_shards_are_refused_with_merges_messages(tmp_path):
         assert s.n_rows("train") == 20
 
 
+def test_an_id_two_shards_hold_at_different_checkpoints_is_refused(tmp_path):
+    """merge would join such rows across checkpoints; shards must not share an id at all."""
+    x = _data()["e1"]["train"]
+    for name, checkpoint in (("first", "e1"), ("later", "e2")):
+        with gradstore.create(tmp_path / name, dim=DIM) as st:
+            for c, lr in CKPTS.items():
+                st.add_checkpoint(c, lr=lr)
+            st.write("train", checkpoint, x[:1], ["z0"], encodings=("f32",))
+    manifest = _manifest(tmp_path, {"shards": [{"path": "first"}, {"path": "later"}]})
+    with pytest.raises(DuplicateIdError) as info:
+        gradstore.open_sharded(manifest)
+    assert str(info.value) == (f"cannot shard: id 'z0' of set 'train' is in both {tmp_path / 'first'}"
+                               f" and {tmp_path / 'later'}")
+
+
 def test_without_ray_asking_for_it_is_one_clear_error(plain, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     with pytest.raises(GradstoreError, match=r"^ray is not installed; running shards on Ray needs"
