@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import os
 
 import click
@@ -225,10 +226,14 @@ def training_options(fn):
     return fn
 
 
-def _train(files_fn, data, out_dir, silent, options: dict, **extra):
-    """Run a training command (warmup or train) and say what each checkpoint holds."""
-    report, infos = files_fn(data, out_dir, model_source(options), stage_config(WarmupConfig, options),
-                             lora=stage_config(LoraConfig, options, "lora_"), read=stage_config(ReadConfig, options),
+def _train(stage: str, data, out_dir, silent, options: dict, **extra):
+    """Run a training command (`qless.<stage>.<stage>_files`: warmup or train) and say what each
+    checkpoint holds."""
+    config, lora, read = (stage_config(WarmupConfig, options), stage_config(LoraConfig, options, "lora_"),
+                          stage_config(ReadConfig, options))  # usage errors before torch loads
+    with requires("qless"):
+        files_fn = getattr(importlib.import_module(f"qless.{stage}"), f"{stage}_files")
+    report, infos = files_fn(data, out_dir, model_source(options), config, lora=lora, read=read,
                              progress=not silent, **extra)
     note(report.summary(), silent)
     for info in infos:
@@ -238,7 +243,7 @@ def _train(files_fn, data, out_dir, silent, options: dict, **extra):
 @cli.command()
 @training_options
 @click.option("--percentage", default=WARMUP_PERCENTAGE, show_default=True,
-              help="Fraction of the pool to train on (LESS: 0.05).")
+              type=click.FloatRange(0, 1, min_open=True), help="Fraction of the pool to train on (LESS: 0.05).")
 @model_options
 @silent_option
 @handle_errors
@@ -252,10 +257,7 @@ def warmup(data, out_dir, percentage, silent, **options):
 
         gradstore warmup --data pool.jsonl --out warmup --percentage 0.05 --epochs 4
     """
-    with requires("qless"):
-        from qless.warmup import warmup_files
-
-    _train(warmup_files, data, out_dir, silent, options, percentage=percentage)
+    _train("warmup", data, out_dir, silent, options, percentage=percentage)
 
 
 @cli.command()
@@ -275,10 +277,7 @@ def train(data, out_dir, silent, **options):
 
         gradstore train --data selected.jsonl --out run
     """
-    with requires("qless"):
-        from qless.train import train_files
-
-    _train(train_files, data, out_dir, silent, options)
+    _train("train", data, out_dir, silent, options)
 
 
 @cli.command(name="eval")

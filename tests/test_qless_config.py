@@ -173,6 +173,7 @@ def test_eval_options_become_the_configs(calls, tmp_path):
     (["ingest", "--max-length", "0"], "Invalid value for '--max-length': ReadConfig.max_length must be >= 1, got 0"),
     (["warmup", "--lora-r", "0"], "Invalid value for '--lora-r': LoraConfig.r must be >= 1, got 0"),
     (["warmup", "--lr", "0"], "Invalid value for '--lr': WarmupConfig.lr must be > 0, got 0.0"),
+    (["warmup", "--percentage", "0"], "Invalid value for '--percentage': 0.0 is not in the range 0<x<=1."),
     (["eval", "--k-shot", "-1"], "Invalid value for '--k-shot': EvalConfig.k_shot must be >= 0, got -1"),
 ])
 def test_a_bad_option_is_a_usage_error_naming_option_and_field(calls, tmp_path, args, message):
