@@ -386,11 +386,10 @@ def warmup(
         raise WarmupError("the model has no trainable LoRA parameters (attach_lora first)")
     n = len(examples)
     sched = _Schedule.of(n, config, stop_after_epoch)
-    lora = lora_config_dict(model)
     run = {  # the config as given, and what it means for these examples, model and optimizer
         **asdict(config), "total_steps": sched.total_steps, "warmup_steps": sched.n_warmup,
         "betas": list(ADAM_BETAS), "eps": ADAM_EPS, "n_examples": n,
-        "examples_sha1": _check_examples(examples), "lora": lora,
+        "examples_sha1": _check_examples(examples), "lora": lora_config_dict(model),
         "model": source.record() if source is not None else None,
     }
     root = Path(out_dir)
@@ -434,7 +433,7 @@ def warmup(
                 step, lrs, losses = _train_epoch(model, examples, epoch_order(n, config.seed, epoch),
                                                  optimizer, params, sched, config, step, device, on_step)
                 lr_peak = max([lr_peak, *lrs])
-                info = _epoch_info(epoch, step, lrs, losses, lora, config.seed, n, sched.total_steps, run)
+                info = _epoch_info(epoch, step, lrs, losses, run)
                 folder = _write_checkpoint(root, info["name"], model, optimizer, info)
                 info["path"] = str(folder)
                 infos.append(info)
@@ -452,9 +451,9 @@ def warmup(
     return infos
 
 
-def _epoch_info(epoch: int, step: int, lrs: list[float], losses: list[float], lora: dict,
-                seed: int, n: int, total_steps: int, run: dict) -> dict:
-    """The checkpoint record of an epoch (qless.checkpoint's contract)."""
+def _epoch_info(epoch: int, step: int, lrs: list[float], losses: list[float], run: dict) -> dict:
+    """The checkpoint record of an epoch (qless.checkpoint's contract); `run` is the warmup's
+    record, whose LoRA config, seed, example count and step count the checkpoint repeats."""
     return {
         "format": FORMAT,
         "name": f"epoch-{epoch}",
@@ -466,10 +465,10 @@ def _epoch_info(epoch: int, step: int, lrs: list[float], losses: list[float], lo
         "steps_in_epoch": len(lrs),
         "train_loss": float(np.mean(losses)),
         "optimizer": "adamw",
-        "lora": lora,
-        "seed": seed,
-        "n_examples": n,
-        "total_steps": total_steps,
+        "lora": run["lora"],
+        "seed": run["seed"],
+        "n_examples": run["n_examples"],
+        "total_steps": run["total_steps"],
         "run": run,
     }
 
