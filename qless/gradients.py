@@ -64,8 +64,11 @@ from .packing import pack_attention
 from .projection import CHUNK
 
 DEFAULT_GRADIENT_BYTES = 512 << 20
-# Logit rows per step of the batch loss (16 x a 49K vocabulary in float32 stays in L2).
+# Logit rows per step of the batch loss (16 x a 49K vocabulary in float32 stays in L2), and
+# bytes of logits per step of the output head (256 rows of a 49K vocabulary in bf16; the matrix
+# products of steps much smaller run slower).
 LOSS_ROWS = 16
+HEAD_BYTES = 24 << 20
 
 
 def _token_tensors(input_ids, labels, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,30 +87,41 @@ def response_tokens(example) -> int:
     return sum(1 for y in example.labels[1:] if y != IGNORE_INDEX)
 
 
-class WeightedCrossEntropy(torch.autograd.Function):
-    """sum_k weight_k * cross_entropy(logits_k, target_k), the logits upcast to float32 as HF's
-    loss does, with the gradient autograd would give, but a few rows at a time: the float32
-    logits, log-probabilities and their gradient are never whole (vocabulary x response tokens,
-    ~200 MB each for a 2K-token batch of a 49K-word model). The gradient is formed in the forward
-    (the batch needs exactly one backward) and kept in the logits' dtype."""
+class HeadCrossEntropy(torch.autograd.Function):
+    """sum_k weight_k * cross_entropy(hidden_k @ head^T, target_k): the output head and the loss
+    at once, with the gradient autograd would give (the logits in the model's dtype, upcast to
+    float32 for the loss as HF's loss does). The head runs on HEAD_BYTES of logits at a time, the
+    loss on LOSS_ROWS rows of those at a time, so the logits, float32 log-probabilities and their
+    gradient are never whole (vocabulary x response tokens: ~100-200 MB each for a 2K-token batch
+    of a 49K-word model, on fresh pages every batch); the gradient overwrites the logits it came
+    from. The gradient w.r.t. `hidden` is formed in the forward (the batch needs exactly one
+    backward)."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight):
-        grad = torch.empty_like(logits)
-        loss = logits.new_zeros((), dtype=torch.float32)
-        for start in range(0, logits.shape[0], LOSS_ROWS):
-            rows = slice(start, start + LOSS_ROWS)
-            y, w = target[rows, None], weight[rows, None]
-            logp = torch.log_softmax(logits[rows], -1, dtype=torch.float32)
-            loss -= (w * logp.gather(1, y)).sum()
-            grad[rows] = logp.exp_().mul_(w).scatter_add_(1, y, -w)  # w (softmax - onehot)
+    def forward(ctx, hidden, head, target, weight):
+        n, vocab = hidden.shape[0], head.shape[0]
+        step = max(LOSS_ROWS, HEAD_BYTES // (vocab * head.element_size()) // LOSS_ROWS * LOSS_ROWS)
+        buffer = hidden.new_empty(min(n, step), vocab)
+        grad = torch.empty_like(hidden)
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        for a in range(0, n, step):
+            logits = buffer[:min(step, n - a)]
+            torch.mm(hidden[a:a + step], head.T, out=logits)
+            for start in range(0, logits.shape[0], LOSS_ROWS):
+                rows = slice(start, start + LOSS_ROWS)
+                y = target[a + start:a + start + LOSS_ROWS, None]
+                w = weight[a + start:a + start + LOSS_ROWS, None]
+                logp = torch.log_softmax(logits[rows], -1, dtype=torch.float32)
+                loss -= (w * logp.gather(1, y)).sum()
+                logits[rows] = logp.exp_().mul_(w).scatter_add_(1, y, -w)  # w (softmax - onehot)
+            torch.mm(logits, head, out=grad[a:a + step])
         ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, upstream):
         (grad,) = ctx.saved_tensors
-        return grad.mul_(upstream.to(grad.dtype)), None, None
+        return grad.mul_(upstream.to(grad.dtype)), None, None, None
 
 
 class GradientComputer:
@@ -215,6 +229,17 @@ class GradientComputer:
             raise ValueError("batched gradients do not support DoRA (its weight norm is outside the Linears)")
         return modules
 
+    def _output_head(self) -> torch.nn.Linear:
+        """The output embedding, which the batch loss applies itself (`HeadCrossEntropy`)."""
+        head = self.model.get_output_embeddings()
+        rescaled = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+                    if getattr(self.model.config, k, None) not in (None, 1)]
+        if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad or rescaled:
+            raise ValueError("batched gradients need the output embedding to be a frozen bias-free "
+                             "Linear whose outputs are the logits"
+                             + (f" ({rescaled[0]} rescales them)" if rescaled else ""))
+        return head
+
     def _inputs(self, examples: Sequence) -> tuple[dict, torch.Tensor, torch.Tensor, list[int], list[int]]:
         """The model's inputs for one batch (on its device); each position's target (the next token's label, -100
         where it predicts none) and loss weight, flattened over the batch; each example's first
@@ -261,17 +286,20 @@ class GradientComputer:
         def capture(module, args, output):
             seen[module] = (args[0].detach(), output)
 
-        def only_kept(module, args):  # logits only where a label is predicted
-            return (args[0][keep],)
+        head = self._output_head()
+        kept: list[torch.Tensor] = []
+
+        def to_the_loss(module, args):  # the loss runs the head, on positions that predict a label
+            kept.append(args[0][keep])
+            return (args[0][..., :0, :],)
 
         t0 = time.perf_counter()
         handles = [m.register_forward_hook(capture) for m in modules]
-        handles.append(self.model.get_output_embeddings().register_forward_pre_hook(only_kept))
+        handles.append(head.register_forward_pre_hook(to_the_loss))
         try:
             with torch.enable_grad():
-                logits = self.model(**inputs, use_cache=False).logits
-                loss = WeightedCrossEntropy.apply(logits.flatten(0, -2), target, weight)
-                del logits
+                self.model(**inputs, use_cache=False)
+                loss = HeadCrossEntropy.apply(kept.pop(), head.weight, target, weight)
                 outputs = [seen[m][1] for m in modules]
                 grads = torch.autograd.grad(loss, outputs)
         finally:

@@ -5,9 +5,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qless.gradients import GradientComputer
+from qless import gradients
+from qless.gradients import GradientComputer, HeadCrossEntropy
 from qless.model import attach_lora
 from qless.optimizer_state import trainable_parameters
 
@@ -354,3 +356,31 @@ def test_batched_equals_batch1_on_cuda(model):
     P = SparseRademacher(gc.dim, dim=64, seed=1)
     for (_, a), (_, b) in zip(gc.batched(exs, projection=P), gc.batched(exs)):
         assert a.device.type == "cuda" and (a - P.project(b)).abs().max() <= 1e-5 * a.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 17, 40])
+@pytest.mark.parametrize("head_bytes", [1, 32 * 50 * 4, 1 << 30])  # steps of 16, 32, all rows
+def test_head_cross_entropy_equals_autograd(rows, head_bytes, monkeypatch):
+    """The head and loss in steps of rows give autograd's loss and gradient of the whole."""
+    monkeypatch.setattr(gradients, "HEAD_BYTES", head_bytes)
+    g = torch.Generator().manual_seed(rows)
+    hidden = torch.randn(rows, 8, generator=g, requires_grad=True)
+    head = torch.randn(50, 8, generator=g)
+    target = torch.randint(0, 50, (rows,), generator=g)
+    weight = torch.rand(rows, generator=g)
+    loss = HeadCrossEntropy.apply(hidden, head, target, weight)
+    (got,) = torch.autograd.grad(2 * loss, hidden)
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    ref = (weight * F.cross_entropy(ref_hidden @ head.T, target, reduction="none")).sum()
+    (want,) = torch.autograd.grad(2 * ref, ref_hidden)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(got, want)
+
+
+def test_batched_refuses_a_model_that_rescales_its_logits(model):
+    import copy
+
+    m = copy.deepcopy(model)
+    m.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping rescales them"):
+        list(GradientComputer(m, mode="sgd").gradients([example(1)]))
