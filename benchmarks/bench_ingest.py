@@ -3,7 +3,8 @@
 The same real pool rows (Dolly and Flan v2 CoT from ../shared/data/train, tokenized once as
 ingest does: tulu format, truncated to 512 or 1,024 tokens), the same model (SmolLM2-135M, bf16),
 the same LoRA adapter (q,k,v,o; r = 8 and 128, B drawn non-zero as after a warmup) and the same
-token budget; the three qless paths run round-robin, best of `--repeat`. What each computes per example:
+token budget; the three qless paths run interleaved batch by batch (each packed batch's rows
+through all three), each path's best round of `--repeat`. What each computes per example:
 - batch-1 (`GradientComputer.gradient_tensor`, the reference): one forward (logits only where a
   label is predicted) and backward per example, the full LoRA gradient, LESS's Adam direction,
   the sparse projection to 8192 dims;
@@ -21,7 +22,7 @@ token budget; the three qless paths run round-robin, best of `--repeat`. What ea
 Model loading is outside every timed part. Also reported: the share of batched time spent forming
 per-example gradients from the hooks' tensors (the most that projecting per layer before summing
 over tokens could save), quantize + write of the vectors (what overlapping writes could hide), and
-peak RSS above the start of each timed part.
+each path's peak RSS over its batches (untimed pass, heap trimmed before each batch).
 
     .venv/bin/python benchmarks/bench_ingest.py                # 24 rows per config, r=8/128 x 512/1024
     .venv/bin/python benchmarks/bench_ingest.py --quick        # 6 rows, r=8, 512 tokens
@@ -100,15 +101,13 @@ def run_bergson(adapter_dir: Path, rows: list, budget: int, tmp: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def timed_batches(computer, sparse, rows: list, sync) -> tuple[np.ndarray, float]:
-    """The batched path's projected vectors of `rows` (in row order) and its seconds, as ingest
-    runs it (projected per module)."""
+def projected_batches(computer, sparse, rows: list) -> np.ndarray:
+    """The batched path's projected vectors of `rows`, in row order, as ingest runs it
+    (projected per module)."""
     got = np.zeros((len(rows), DIM), dtype=np.float32)
-    t0 = time.perf_counter()
     for idx, projected in computer.batched(rows, projection=sparse):
         got[idx] = projected.cpu().numpy()
-    sync()
-    return got, time.perf_counter() - t0
+    return got
 
 
 def run_config(base, rows: list, r: int, budget: int, bergson: bool, device: torch.device,
@@ -122,28 +121,45 @@ def run_config(base, rows: list, r: int, budget: int, bergson: bool, device: tor
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sparse.project(packed.gradient_tensor(rows[0])[None])  # warm up every path
     for computer in (packed, padded):
-        timed_batches(computer, sparse, rows[:2], sync)
+        projected_batches(computer, sparse, rows[:2])
     tokens = sum(len(ex.input_ids) for ex in rows)
 
-    # Round-robin, best of `repeat`: the three paths see the same moments of a shared machine.
-    best = {"batch1": np.inf, "packed": np.inf, "padded": np.inf}
-    peaks = {}
+    # Timed interleaved per packed batch, each path's best round of `repeat`: the three paths run
+    # on the same rows within seconds of each other. This shared host's speed drifts by up to ~25% over
+    # minutes (the same rows ran 1.15-1.64 ex/s batch-1 in one run of whole-path rounds), and
+    # drift within seconds moves all three together.
+    plan = packed.batches(rows, capped=False)
+    paths = {"batch1": lambda part: np.stack([sparse.project(packed.gradient_tensor(ex)[None]).cpu().numpy()[0]
+                                              for ex in part]),
+             "packed": lambda part: projected_batches(packed, sparse, part),
+             "padded": lambda part: projected_batches(padded, sparse, part)}
+    # Memory first, untimed: each batch's peak RSS through each path, from a trimmed heap (the
+    # trim makes the next batch fault its pages in afresh, which the timed rounds do not pay).
+    peaks = dict.fromkeys(paths, 0.0)
+    for idx in plan:
+        for name, run in paths.items():
+            with PeakRSS() as peak:
+                run([rows[i] for i in idx])
+            peaks[name] = max(peaks[name], peak.mib)
+    got, ref = np.zeros((len(rows), DIM), dtype=np.float32), np.zeros((len(rows), DIM), dtype=np.float32)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    best = dict.fromkeys(paths, np.inf)
     for _ in range(repeat):
-        with PeakRSS() as peak:
-            t0 = time.perf_counter()
-            ref = np.stack([sparse.project(packed.gradient_tensor(ex)[None]).cpu().numpy()[0] for ex in rows])
-            sync()
-            best["batch1"] = min(best["batch1"], time.perf_counter() - t0)
-        peaks["batch1"] = peak.mib
-        for name, computer in (("packed", packed), ("padded", padded)):
+        seconds = dict.fromkeys(paths, 0.0)
+        for computer in (packed, padded):
             computer.seconds = dict.fromkeys(computer.seconds, 0.0)
             computer.tokens = {"run": 0, "real": 0}
-            with PeakRSS() as peak:
-                got, seconds = timed_batches(computer, sparse, rows, sync)
-            best[name] = min(best[name], seconds)
-            peaks[name] = peak.mib
+        for idx in plan:
+            part = [rows[i] for i in idx]
+            for name, run in paths.items():
+                t0 = time.perf_counter()
+                vectors = run(part)
+                sync()
+                seconds[name] += time.perf_counter() - t0
+                if name != "padded":
+                    (ref if name == "batch1" else got)[idx] = vectors
+        best = {name: min(best[name], seconds[name]) for name in best}
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     t_batched = best["packed"]
@@ -187,7 +203,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--token-budget", type=int, default=IngestConfig.token_budget)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-bergson", action="store_true")
-    parser.add_argument("--repeat", type=int, default=1, help="round-robin rounds; each path's best")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds, interleaved per batch; each path's best")
     parser.add_argument("--config", action="append", type=lambda t: tuple(int(x) for x in t.split(":")),
                         help="MAX_TOKENS:R, repeatable (default: 512:8 512:128 1024:8 1024:128)")
     args = parser.parse_args(argv)
@@ -209,7 +225,8 @@ def main(argv=None) -> dict:
     previous = RESULTS_DIR / f"{name}.json"
     runs = json.loads(previous.read_text()).get("runs", []) if previous.exists() else []
     out = {"command": "benchmarks/bench_ingest.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": info, "quick": args.quick, "results": []}
+           "machine": info, "quick": args.quick, "results": [],
+           "timing": "interleaved per packed batch; peak RSS per batch from a trimmed heap, untimed pass"}
     runs.append(out)
     for max_length, r in configs:
         rows = pool_rows(tokenizer, n, max_length)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import psutil
@@ -22,6 +23,9 @@ class PeakRSS:
         self._top = max(top, proc.memory_info().rss)
 
     def __enter__(self):
+        # Memory the process freed but still holds goes back first (glibc keeps freed heap blocks
+        # below its trim threshold): otherwise a block reusing an earlier block's pages reads ~0.
+        getattr(ctypes.CDLL(None), "malloc_trim", lambda pad: 0)(0)
         self._base = psutil.Process().memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)

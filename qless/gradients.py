@@ -20,7 +20,10 @@ Two paths to the same vectors:
   backward, its output gradient d_t; example e's weight gradient is sum_{t in e} d_t x_t^T (for
   lora_A that is (B^T d) x^T, for lora_B d (A x)^T, the LoRA scaling folded into d). Each
   token's loss is weighted by 1 / (its example's response-token count), so each example's
-  gradient is that of its own mean loss, as at batch size 1.
+  gradient is that of its own mean loss, as at batch size 1. The loss applies the output head
+  itself (`HeadCrossEntropy`), only at positions that predict a label and a few hundred rows at
+  a time, so the batch's logits are never whole; a model whose logits are more than the head's
+  output (soft-capping, a logit scale) is refused.
   `batched(examples, projection)` (what ingest runs) yields the projected vectors instead, never
   forming the (n, dim) per-example gradients: per LoRA module, in parameter order, its (n, size)
   block is formed, turned into the Adam direction (that module's columns of m and v) and its
