@@ -119,20 +119,19 @@ def run_config(base, rows: list, r: int, budget: int, bergson: bool, device: tor
     padded = GradientComputer(model, state, mode="adam", token_budget=budget, pack=False)
     sparse = SparseRademacher(dim, DIM, seed=0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sparse.project(packed.gradient_tensor(rows[0])[None])  # warm up every path
-    for computer in (packed, padded):
-        projected_batches(computer, sparse, rows[:2])
-    tokens = sum(len(ex.input_ids) for ex in rows)
-
-    # Timed interleaved per packed batch, each path's best round of `repeat`: the three paths run
-    # on the same rows within seconds of each other. This shared host's speed drifts by up to ~25% over
-    # minutes (the same rows ran 1.15-1.64 ex/s batch-1 in one run of whole-path rounds), and
-    # drift within seconds moves all three together.
-    plan = packed.batches(rows, capped=False)
     paths = {"batch1": lambda part: np.stack([sparse.project(packed.gradient_tensor(ex)[None]).cpu().numpy()[0]
                                               for ex in part]),
              "packed": lambda part: projected_batches(packed, sparse, part),
              "padded": lambda part: projected_batches(padded, sparse, part)}
+    for run in paths.values():  # warm up every path
+        run(rows[:2])
+    tokens = sum(len(ex.input_ids) for ex in rows)
+
+    # Timed interleaved per packed batch, each path's best round of `repeat`: the three paths run
+    # on the same rows within seconds of each other. This shared host's speed drifts by up to ~30%
+    # over minutes (batch-1 at r=8 ran the same rows at 1.64 and 1.15 ex/s in one run of whole-path
+    # rounds), and drift within seconds moves all three together.
+    plan = packed.batches(rows, capped=False)
     # Memory first, untimed: each batch's peak RSS through each path, from a trimmed heap (the
     # trim makes the next batch fault its pages in afresh, which the timed rounds do not pay).
     peaks = dict.fromkeys(paths, 0.0)
@@ -141,7 +140,7 @@ def run_config(base, rows: list, r: int, budget: int, bergson: bool, device: tor
             with PeakRSS() as peak:
                 run([rows[i] for i in idx])
             peaks[name] = max(peaks[name], peak.mib)
-    got, ref = np.zeros((len(rows), DIM), dtype=np.float32), np.zeros((len(rows), DIM), dtype=np.float32)
+    vectors = {name: np.zeros((len(rows), DIM), dtype=np.float32) for name in paths}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     best = dict.fromkeys(paths, np.inf)
@@ -154,12 +153,11 @@ def run_config(base, rows: list, r: int, budget: int, bergson: bool, device: tor
             part = [rows[i] for i in idx]
             for name, run in paths.items():
                 t0 = time.perf_counter()
-                vectors = run(part)
+                vectors[name][idx] = run(part)
                 sync()
                 seconds[name] += time.perf_counter() - t0
-                if name != "padded":
-                    (ref if name == "batch1" else got)[idx] = vectors
         best = {name: min(best[name], seconds[name]) for name in best}
+    got, ref = vectors["packed"], vectors["batch1"]
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     t_batched = best["packed"]
