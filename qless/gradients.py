@@ -16,8 +16,9 @@ Two paths to the same vectors:
   example, attention kept inside each example by `qless.packing`) where the model dispatches
   attention through transformers' attention interface, else padded (right, no attention mask
   needed: the model is causal; a pad position has no loss and no later real token attends to
-  it, so it contributes nothing). Hooks on every LoRA `Linear` keep its input x_t and, from the
-  backward, its output gradient d_t; example e's weight gradient is sum_{t in e} d_t x_t^T (for
+  it, so it contributes nothing). Every LoRA layer runs as one `qless.lora_update.LoRAUpdate`,
+  whose backward records each LoRA weight's input x_t and output gradient d_t; example e's weight
+  gradient is sum_{t in e} d_t x_t^T (for
   lora_A that is (B^T d) x^T, for lora_B d (A x)^T, the LoRA scaling folded into d). Each
   token's loss is weighted by 1 / (its example's response-token count), so each example's
   gradient is that of its own mean loss, as at batch size 1. The loss applies the output head
@@ -61,6 +62,7 @@ import torch.nn.functional as F
 from .checkpoint import ADAM_BETAS, ADAM_EPS
 from .config import IngestConfig
 from .data import IGNORE_INDEX
+from .lora_update import lora_layer, recording
 from .model import disable_cpu_repacking
 from .optimizer_state import flatten_state, trainable_parameters
 from .packing import pack_attention
@@ -150,7 +152,7 @@ class GradientComputer:
         self.max_rows = max(1, gradient_bytes // (4 * self.dim))
         self.skipped = 0
         # Seconds in the model's forward and backward, forming per-example gradients from the
-        # hooks' tensors (the part a factored projection could replace), and projecting them.
+        # recorded tensors (the part a factored projection could replace), and projecting them.
         self.seconds = {"model": 0.0, "per_example": 0.0, "projection": 0.0}
         # Tokens the batches ran through the model, and those of the examples (the rest is padding).
         self.tokens = {"run": 0, "real": 0}
@@ -194,7 +196,7 @@ class GradientComputer:
             g_.mul_(1 - beta1).add_(self.m[state], alpha=beta1).div_(v.add_(self.eps).sqrt_())
         return g
 
-    # -- the default path: length-sorted batches (packed or padded), per-example gradients from hooks --
+    # -- the default path: length-sorted batches (packed or padded), per-example gradients from recorded factors --
 
     def _cost(self, lengths: list[int]) -> int:
         """Tokens a batch of examples of these lengths (longest first) runs through the model."""
@@ -219,18 +221,11 @@ class GradientComputer:
                 lengths = [n]
         return out
 
-    def _lora_linears(self) -> list[torch.nn.Linear]:
-        """The Linear module whose weight each trainable parameter is, in parameter order."""
-        modules = []
-        for name, p in zip(self.names, self.params):
-            module = self.model.get_submodule(name.rsplit(".", 1)[0])
-            if not (isinstance(module, torch.nn.Linear) and module.weight is p and module.bias is None):
-                raise ValueError(f"{name}: batched gradients need every trainable parameter to be the "
-                                 "weight of a bias-free Linear (plain LoRA); this one is not")
-            modules.append(module)
-        if any(getattr(c, "use_dora", False) for c in getattr(self.model, "peft_config", {}).values()):
-            raise ValueError("batched gradients do not support DoRA (its weight norm is outside the Linears)")
-        return modules
+    def _lora_layers(self) -> list[tuple[torch.nn.Module, str]]:
+        """Each trainable parameter's PEFT LoRA layer and adapter, in parameter order (one entry per
+        layer); a one-line error unless every trainable parameter is a plain LoRA weight."""
+        layers = [lora_layer(name, self.model)[0::2] for name in self.names]
+        return list(dict.fromkeys(layers))
 
     def _output_head(self) -> torch.nn.Linear:
         """The output embedding, which the batch loss applies itself (`HeadCrossEntropy`)."""
@@ -283,12 +278,7 @@ class GradientComputer:
         target, weight = target[keep].to(self.device), weight[keep].to(self.device)
         keep = keep.view(inputs["input_ids"].shape).to(self.device)
 
-        modules = self._lora_linears()
-        seen: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def capture(module, args, output):
-            seen[module] = (args[0].detach(), output)
-
+        layers = self._lora_layers()
         head = self._output_head()
         kept: list[torch.Tensor] = []
 
@@ -297,35 +287,29 @@ class GradientComputer:
             return (args[0][..., :0, :],)
 
         t0 = time.perf_counter()
-        handles = [m.register_forward_hook(capture) for m in modules]
-        handles.append(head.register_forward_pre_hook(to_the_loss))
+        handle = head.register_forward_pre_hook(to_the_loss)
         try:
-            with torch.enable_grad():
+            with recording(layers) as record, torch.enable_grad():
                 self.model(**inputs, use_cache=False)
                 loss = HeadCrossEntropy.apply(kept.pop(), head.weight, target, weight)
-                outputs = [seen[m][1] for m in modules]
-                grads = torch.autograd.grad(loss, outputs)
+                loss.backward(inputs=self.params)  # fills `record`; the weights get no gradient
         finally:
-            for h in handles:
-                h.remove()
+            handle.remove()
         self.seconds["model"] += time.perf_counter() - t0
         offset = 0
-        for module, d in zip(modules, grads):
+        for p in self.params:
             t0 = time.perf_counter()
-            x = seen.pop(module)[0].flatten(0, 1)
-            d = d.flatten(0, 1)
-            size = module.weight.numel()
-            # In the model's dtype, as the batch-1 loop's weight gradients (float32 accumulation),
-            # each written in place (a new tensor per example, converted row by row, took 3x as long
-            # for r=128 lora_A shapes alone, ~10% more of the per-example time in the model).
-            each = torch.empty(len(examples), *module.weight.shape, dtype=d.dtype, device=self.device)
+            x, d = record.pop(p)
+            # Written in place (a new tensor per example, converted row by row, took 3x as long for
+            # r=128 lora_A shapes alone, ~10% more of the per-example time in the model).
+            each = torch.empty(len(examples), *p.shape, dtype=d.dtype, device=self.device)
             for e, (start, k) in enumerate(zip(starts[:-1], lengths)):
                 torch.mm(d[start:start + k].T, x[start:start + k], out=each[e])
-            each = each.view(len(examples), size)
-            block = each.float() if out is None else out[:, offset:offset + size].copy_(each)
+            each = each.view(len(examples), p.numel())
+            block = each.float() if out is None else out[:, offset:offset + p.numel()].copy_(each)
             self.seconds["per_example"] += time.perf_counter() - t0
             yield offset, self._direction(block, offset)
-            offset += size
+            offset += p.numel()
 
     def batch_tensor(self, examples: Sequence) -> torch.Tensor:
         """float32 (n, dim) vectors of `examples` (each with response tokens) from one forward

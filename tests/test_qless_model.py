@@ -21,21 +21,6 @@ from qless.optimizer_state import (
 )
 
 
-def tiny_llama(layers=2, hidden=32, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                      max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_llama(hidden=64).save_pretrained(d)
-    return d
-
-
 def test_load_model_dtype_device_identity(tiny_dir):
     m = load_model(tiny_dir, dtype="fp32", device="cpu")
     assert m.dtype == torch.float32 and not m.training
@@ -103,6 +88,7 @@ def test_qlora_nf4_gradients_match_dequantized_model(tiny_dir):
     assert cos >= 0.999
     # and the guard really is what keeps it right
     assert disable_cpu_repacking(q) == n4
+
 
 
 # ---- optimizer state ---------------------------------------------------------------------
