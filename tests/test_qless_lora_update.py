@@ -85,6 +85,11 @@ def test_lora_layer_refuses_what_the_update_does_not_compute(tiny_dir):
     with pytest.raises(ValueError, match="not merged"):
         lora_layer(name, model)
     layer.unmerge()
+    model.train()  # LoRA dropout on: not what the update computes
+    with pytest.raises(ValueError, match="without dropout: put the model in eval mode"):
+        with recording([(layer, "default")]):
+            pass
+    assert "forward" not in layer.__dict__
     dora = get_peft_model(load_model(tiny_dir, dtype="fp32"), LoraConfig(r=2, target_modules=["v_proj"], use_dora=True))
     with pytest.raises(ValueError, match="no DoRA"):
         lora_layer(name, dora)
