@@ -10,7 +10,8 @@ through all three), each path's best round of `--repeat`. What each computes per
   the sparse projection to 8192 dims;
 - packed (`GradientComputer.batched(rows, projection)`, what ingest runs): the same vectors from
   length-sorted batches of at most `--token-budget` tokens, packed into one sequence each
-  (attention kept inside each example), per-example gradients from hooks, the same Adam
+  (attention kept inside each example), per-example gradients from each LoRA layer's recorded
+  inputs and output gradients (`qless.lora_update`), the same Adam
   direction and projection, module by module (the full-length gradients never formed); its min
   cosine to batch-1's projected vectors is reported;
 - padded (`GradientComputer(pack=False)`, the path for models packing cannot serve): the same,
@@ -20,7 +21,7 @@ through all three), each path's best round of `--repeat`. What each computes per
   budget, logits at every position, per-example LoRA gradients from hooks, each module projected
   to 16 x 16 by its own two-sided random matrices (no Adam direction), written to disk.
 Model loading is outside every timed part. Also reported: the share of batched time spent forming
-per-example gradients from the hooks' tensors (the most that projecting per layer before summing
+per-example gradients from the recorded tensors (the most that projecting per layer before summing
 over tokens could save), quantize + write of the vectors (what overlapping writes could hide), and
 each path's peak RSS over its batches (untimed pass, heap trimmed before each batch).
 
