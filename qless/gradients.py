@@ -17,9 +17,9 @@ Two paths to the same vectors:
   attention through transformers' attention interface, else padded (right, no attention mask
   needed: the model is causal; a pad position has no loss and no later real token attends to
   it, so it contributes nothing). Every LoRA layer runs as one `qless.lora_update.LoRAUpdate`,
-  whose backward records each LoRA weight's input x_t and output gradient d_t; example e's weight
-  gradient is sum_{t in e} d_t x_t^T (for
-  lora_A that is (B^T d) x^T, for lora_B d (A x)^T, the LoRA scaling folded into d). Each
+  whose backward records each LoRA weight's input x_t and output gradient d_t; example e's
+  weight gradient is sum_{t in e} d_t x_t^T (for lora_A that is (B^T d) x^T, for lora_B
+  d (A x)^T, the LoRA scaling folded into d). Each
   token's loss is weighted by 1 / (its example's response-token count), so each example's
   gradient is that of its own mean loss, as at batch size 1. The loss applies the output head
   itself (`HeadCrossEntropy`), only at positions that predict a label and a few hundred rows at
@@ -196,7 +196,8 @@ class GradientComputer:
             g_.mul_(1 - beta1).add_(self.m[state], alpha=beta1).div_(v.add_(self.eps).sqrt_())
         return g
 
-    # -- the default path: length-sorted batches (packed or padded), per-example gradients from recorded factors --
+    # -- the default path: length-sorted batches (packed or padded), per-example gradients from
+    # -- the factors each LoRA layer records
 
     def _cost(self, lengths: list[int]) -> int:
         """Tokens a batch of examples of these lengths (longest first) runs through the model."""
@@ -224,8 +225,11 @@ class GradientComputer:
     def _lora_layers(self) -> list[tuple[torch.nn.Module, str]]:
         """Each trainable parameter's PEFT LoRA layer and adapter, in parameter order (one entry per
         layer); a one-line error unless every trainable parameter is a plain LoRA weight."""
-        layers = [lora_layer(name, self.model)[0::2] for name in self.names]
-        return list(dict.fromkeys(layers))
+        layers = {}
+        for name in self.names:
+            layer, _, adapter = lora_layer(name, self.model)
+            layers[layer, adapter] = None
+        return list(layers)
 
     def _output_head(self) -> torch.nn.Linear:
         """The output embedding, which the batch loss applies itself (`HeadCrossEntropy`)."""

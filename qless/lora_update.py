@@ -42,9 +42,9 @@ def lora_layer(name: str, model) -> tuple[torch.nn.Module, str, str]:
         and all(getattr(layer, k)[adapter].bias is None for k in ("lora_A", "lora_B"))
     )
     if not plain:
-        raise ValueError(f"{name}: batched gradients need every trainable parameter to be the weight of "
-                         "a bias-free Linear of a plain LoRA layer (one active adapter, no DoRA or "
-                         "other variant, not merged); this one is not")
+        raise ValueError(f"{name}: batched gradients need every trainable parameter to be the "
+                         "weight of a bias-free Linear of a plain LoRA layer (one active adapter, "
+                         "no DoRA or other variant, not merged); this one is not")
     return layer, role, adapter
 
 
@@ -69,7 +69,8 @@ class LoRAUpdate(torch.autograd.Function):
     def backward(ctx, dy):
         x32, xa, A, B, scaling, record = ctx.factors
         del ctx.factors
-        d_update = dy.reshape(xa.shape[0], -1).to(A.dtype, copy=True).mul_(scaling)  # dy is base's too
+        # A copy even where dy is already float32: dy is also the base output's gradient.
+        d_update = dy.reshape(xa.shape[0], -1).to(A.dtype, copy=True).mul_(scaling)
         d_xa = torch.mm(d_update, B)
         record[A], record[B] = (x32, d_xa), (xa, d_update)
         dx = torch.mm(d_xa, A).to(dy.dtype).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
@@ -91,7 +92,8 @@ def recording(layers: Sequence[tuple[torch.nn.Module, str]]) -> Iterator[dict]:
         scaling, round_first = layer.scaling[adapter], isinstance(layer, Linear4bit)
         dropout = layer.lora_dropout[adapter]
         if dropout.training and getattr(dropout, "p", 0):
-            raise ValueError("batched gradients run LoRA without dropout: put the model in eval mode")
+            raise ValueError("batched gradients run LoRA without dropout: "
+                             "put the model in eval mode")
 
         def forward(x, *args, **kwargs):
             base = layer.base_layer(x, *args, **kwargs)
