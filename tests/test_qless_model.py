@@ -90,7 +90,6 @@ def test_qlora_nf4_gradients_match_dequantized_model(tiny_dir):
     assert disable_cpu_repacking(q) == n4
 
 
-
 # ---- optimizer state ---------------------------------------------------------------------
 
 
