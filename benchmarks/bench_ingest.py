@@ -3,11 +3,16 @@
 The same real pool rows (Dolly and Flan v2 CoT from ../shared/data/train, tokenized once as
 ingest does: tulu format, truncated to 512 or 1,024 tokens), the same model (SmolLM2-135M, bf16),
 the same LoRA adapter (q,k,v,o; r = 8 and 128, B drawn non-zero as after a warmup) and the same
-token budget; the three qless paths run interleaved batch by batch (each packed batch's rows
-through all three), each path's best round of `--repeat`. What each computes per example:
+token budget; the qless paths run interleaved batch by batch (each packed batch's rows through
+every one), each path's best round of `--repeat`. What each computes per example:
 - batch-1 (`GradientComputer.gradient_tensor`, the reference): one forward (logits only where a
   label is predicted) and backward per example, the full LoRA gradient, LESS's Adam direction,
   the sparse projection to 8192 dims;
+- filed: the batch-1 loop issue 13 measured and set its 2x target against, ingest's as of commit
+  FILED_COMMIT (`git archive`, imported as the package `qless_filed`): the same forward and
+  backward, then its unchunked Adam direction and projection (batch-1 above shares the chunked
+  ones the batched path uses, so it is the stricter comparison); its min cosine to batch-1 too
+  (`--no-filed` leaves it out, e.g. on a copy of the tree without git history);
 - packed (`GradientComputer.batched(rows, projection)`, what ingest runs): the same vectors from
   length-sorted batches of at most `--token-budget` tokens, packed into one sequence each
   (attention kept inside each example), per-example gradients from each LoRA layer's recorded
@@ -29,16 +34,20 @@ each path's peak RSS over its batches (untimed pass, heap trimmed before each ba
     .venv/bin/python benchmarks/bench_ingest.py --quick        # 6 rows, r=8, 512 tokens
     .venv/bin/python benchmarks/bench_ingest.py --rows 8 --config 1024:128   # one configuration
     .venv/bin/python benchmarks/bench_ingest.py --rows 48 --config 512:8 --repeat 3 --no-bergson
-    .venv/bin/python benchmarks/bench_ingest.py --device cuda --rows 256 --token-budget 16384 --no-bergson
+    .venv/bin/python benchmarks/bench_ingest.py --device cuda --rows 256 --token-budget 16384 --no-bergson --no-filed
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import io
 import itertools
 import json
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +70,22 @@ FILES = (TRAIN / "dolly" / "dolly_00.jsonl", TRAIN / "flan_v2_cot" / "flan_v2_co
 BERGSON_PYTHON = HERE.parent / ".bench-venv" / "bin" / "python"
 DIM = 8192
 ENCODINGS = ("f16", "absmax8", "sign1-centered")
+FILED_COMMIT = "542e8a3"  # main when issue 13 was filed: its ingest ran the batch-1 loop
+
+
+def filed_qless(tmp: Path):
+    """(gradients, projection) modules of qless as of FILED_COMMIT, as the package `qless_filed`."""
+    tar = subprocess.run(["git", "-C", str(HERE.parent), "archive", FILED_COMMIT, "qless"],
+                         capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        archive.extractall(tmp, filter="data")
+    root = tmp / "qless"
+    spec = importlib.util.spec_from_file_location("qless_filed", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["qless_filed"] = package
+    spec.loader.exec_module(package)
+    return importlib.import_module("qless_filed.gradients"), importlib.import_module("qless_filed.projection")
 
 
 def pool_rows(tokenizer, n: int, max_length: int, seed: int = 0) -> list:
@@ -112,7 +137,7 @@ def projected_batches(computer, sparse, rows: list) -> np.ndarray:
 
 
 def run_config(base, rows: list, r: int, budget: int, bergson: bool, device: torch.device,
-               repeat: int) -> dict:
+               repeat: int, filed) -> dict:
     model = adapter(base, r)
     dim = GradientComputer(model, mode="sgd").dim
     state = fake_adam_state(dim, r)
@@ -124,14 +149,19 @@ def run_config(base, rows: list, r: int, budget: int, bergson: bool, device: tor
                                               for ex in part]),
              "packed": lambda part: projected_batches(packed, sparse, part),
              "padded": lambda part: projected_batches(padded, sparse, part)}
+    if filed is not None:
+        filed_computer = filed[0].GradientComputer(model, state, mode="adam")
+        filed_sparse = filed[1].SparseRademacher(dim, DIM, seed=0)
+        paths["filed"] = lambda part: np.stack([filed_sparse.project(filed_computer.gradient_tensor(ex)[None])
+                                                .cpu().numpy()[0] for ex in part])
     for run in paths.values():  # warm up every path
         run(rows[:2])
     tokens = sum(len(ex.input_ids) for ex in rows)
 
-    # Timed interleaved per packed batch, each path's best round of `repeat`: the three paths run
+    # Timed interleaved per packed batch, each path's best round of `repeat`: the paths run
     # on the same rows within seconds of each other. This shared host's speed drifts by up to ~30%
     # over minutes (batch-1 at r=8 ran the same rows at 1.64 and 1.15 ex/s in one run of whole-path
-    # rounds), and drift within seconds moves all three together.
+    # rounds), and drift within seconds moves them all together.
     plan = packed.batches(rows, capped=False)
     # Memory first, untimed: each batch's peak RSS through each path, from a trimmed heap (the
     # trim makes the next batch fault its pages in afresh, which the timed rounds do not pay).
@@ -160,7 +190,9 @@ def run_config(base, rows: list, r: int, budget: int, bergson: bool, device: tor
         best = {name: min(best[name], seconds[name]) for name in best}
     got, ref = vectors["packed"], vectors["batch1"]
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+
+    def min_cosine(a, b):
+        return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
     t_batched = best["packed"]
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,8 +218,12 @@ def run_config(base, rows: list, r: int, budget: int, bergson: bool, device: tor
            "batched_model_s": packed.seconds["model"], "batched_per_example_s": packed.seconds["per_example"],
            "per_example_share": packed.seconds["per_example"] / t_batched,
            "quantize_write_share": t_write / t_batched,
-           "min_cosine_batched_vs_batch1": float(cos.min()),
+           "min_cosine_batched_vs_batch1": min_cosine(got, ref),
            "peak_rss_mib": peaks, "cuda_peak_mib": cuda_peak}
+    if filed is not None:
+        res.update(filed_commit=FILED_COMMIT, filed_examples_per_s=n / best["filed"],
+                   speedup_vs_filed=best["filed"] / t_batched,
+                   min_cosine_filed_vs_batch1=min_cosine(vectors["filed"], ref))
     if berg is not None:
         res["bergson_examples_per_s"] = n / berg["seconds"]
         res["batched_vs_bergson"] = berg["seconds"] / t_batched
@@ -202,6 +238,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--token-budget", type=int, default=IngestConfig.token_budget)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-bergson", action="store_true")
+    parser.add_argument("--no-filed", action="store_true", help="leave out the loop issue 13 was filed against")
     parser.add_argument("--repeat", type=int, default=1, help="rounds, interleaved per batch; each path's best")
     parser.add_argument("--config", action="append", type=lambda t: tuple(int(x) for x in t.split(":")),
                         help="MAX_TOKENS:R, repeatable (default: 512:8 512:128 1024:8 1024:128)")
@@ -218,6 +255,8 @@ def main(argv=None) -> dict:
     tokenizer = load_tokenizer("smollm2-135m")
     base = load_model("smollm2-135m", dtype="bf16", device=device)
     n = 6 if args.quick else args.rows
+    filed_dir = tempfile.TemporaryDirectory()  # removed at exit
+    filed = None if args.no_filed else filed_qless(Path(filed_dir.name))
     configs = [(512, 8)] if args.quick else args.config or [(512, 8), (512, 128), (1024, 8), (1024, 128)]
     name = "ingest_quick" if args.quick else f"ingest_{device.type}"
     # Each run is appended to the file's history: runs on other days and loads stay comparable.
@@ -229,7 +268,7 @@ def main(argv=None) -> dict:
     runs.append(out)
     for max_length, r in configs:
         rows = pool_rows(tokenizer, n, max_length)
-        res = run_config(base, rows, r, args.token_budget, bergson, device, args.repeat)
+        res = run_config(base, rows, r, args.token_budget, bergson, device, args.repeat, filed)
         res["max_length"] = max_length
         out["results"].append(res)
         print(json.dumps(res), flush=True)
@@ -237,17 +276,19 @@ def main(argv=None) -> dict:
         write_json(name, {"runs": runs, "dim": DIM, "encodings": ENCODINGS})
     results = out["results"]
     rows = [[res["max_length"], res["r"], res["rows"], f"{res['tokens'] / res['rows']:.0f}",
+             f"{res['filed_examples_per_s']:.2f}" if "filed_examples_per_s" in res else "-",
              f"{res['batch1_examples_per_s']:.2f}", f"{res['padded_examples_per_s']:.2f}",
              f"{res['padded_speedup_vs_batch1']:.2f}x", f"{res['padding_when_padded']:.0%}",
-             f"{res['batched_examples_per_s']:.2f}", f"{res['speedup_vs_batch1']:.2f}x",
+             f"{res['batched_examples_per_s']:.2f}", f"{res['speedup_vs_filed']:.2f}x" if "speedup_vs_filed" in res else "-",
+             f"{res['speedup_vs_batch1']:.2f}x",
              f"{res['bergson_examples_per_s']:.2f}" if "bergson_examples_per_s" in res else "-",
              f"{res['batched_vs_bergson']:.2f}x" if "batched_vs_bergson" in res else "-",
              f"{res['per_example_share']:.0%}", f"{res['quantize_write_share']:.1%}",
              " / ".join(f"{v:.0f}" for v in res["peak_rss_mib"].values()),
              f"{res['min_cosine_batched_vs_batch1']:.5f}"] for res in results]
-    print_table(["max tokens", "r", "rows", "mean tokens", "batch-1 ex/s", "padded ex/s", "vs batch-1",
-                 "padding", "packed ex/s", "vs batch-1", "bergson ex/s", "vs bergson", "per-example share",
-                 "quant+write share", "peak MiB (b1/packed/padded/bergson)", "min cos"], rows,
+    print_table(["max tokens", "r", "rows", "mean tokens", "filed ex/s", "batch-1 ex/s", "padded ex/s",
+                 "vs batch-1", "padding", "packed ex/s", "vs filed", "vs batch-1", "bergson ex/s", "vs bergson", "per-example share",
+                 "quant+write share", "peak MiB (" + "/".join(results[0]["peak_rss_mib"]) + ")", "min cos"], rows,
                 title=f"ingest examples/s (SmolLM2-135M bf16, token budget {args.token_budget}, {info['device']})")
     return out
 

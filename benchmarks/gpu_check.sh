@@ -10,4 +10,4 @@ cd "$(dirname "$0")"
 PY=${PY:-../.venv/bin/python}
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this check needs a GPU')"
 "$PY" -m pytest -q -m gpu ../tests/test_qless_gradients.py
-exec "$PY" bench_ingest.py --device cuda --rows "${ROWS:-128}" --token-budget "${TOKEN_BUDGET:-16384}" --no-bergson
+exec "$PY" bench_ingest.py --device cuda --rows "${ROWS:-128}" --token-budget "${TOKEN_BUDGET:-16384}" --no-bergson --no-filed
