@@ -136,6 +136,28 @@ def projected_batches(computer, sparse, rows: list) -> np.ndarray:
     return got
 
 
+def interleaved(rows: list, plan: list[list[int]], paths: dict, repeat: int, sync=lambda: None,
+                before_round=lambda: None) -> tuple[dict, dict]:
+    """Each path's best seconds over `repeat` rounds, and its last round's outputs per batch: in
+    each round every batch of `plan` (indices into `rows`) runs through every path in turn, so
+    the paths see the same rows within seconds of each other."""
+    best = dict.fromkeys(paths, np.inf)
+    outputs: dict = {}
+    for _ in range(repeat):
+        before_round()
+        seconds = dict.fromkeys(paths, 0.0)
+        outputs = {name: [] for name in paths}
+        for idx in plan:
+            part = [rows[i] for i in idx]
+            for name, run in paths.items():
+                t0 = time.perf_counter()
+                outputs[name].append(run(part))
+                sync()
+                seconds[name] += time.perf_counter() - t0
+        best = {name: min(best[name], seconds[name]) for name in best}
+    return best, outputs
+
+
 def run_config(base, rows: list, r: int, budget: int, bergson: bool, device: torch.device,
                repeat: int, filed) -> dict:
     model = adapter(base, r)
@@ -171,23 +193,18 @@ def run_config(base, rows: list, r: int, budget: int, bergson: bool, device: tor
             with PeakRSS() as peak:
                 run([rows[i] for i in idx])
             peaks[name] = max(peaks[name], peak.mib)
-    vectors = {name: np.zeros((len(rows), DIM), dtype=np.float32) for name in paths}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    best = dict.fromkeys(paths, np.inf)
-    for _ in range(repeat):
-        seconds = dict.fromkeys(paths, 0.0)
+
+    def reset_counters():  # the batched computers' own timers and token counts: the last round's
         for computer in (packed, padded):
             computer.seconds = dict.fromkeys(computer.seconds, 0.0)
             computer.tokens = {"run": 0, "real": 0}
-        for idx in plan:
-            part = [rows[i] for i in idx]
-            for name, run in paths.items():
-                t0 = time.perf_counter()
-                vectors[name][idx] = run(part)
-                sync()
-                seconds[name] += time.perf_counter() - t0
-        best = {name: min(best[name], seconds[name]) for name in best}
+    best, outputs = interleaved(rows, plan, paths, repeat, sync, reset_counters)
+    vectors = {name: np.zeros((len(rows), DIM), dtype=np.float32) for name in paths}
+    for name, per_batch in outputs.items():
+        for idx, out in zip(plan, per_batch):
+            vectors[name][idx] = out
     got, ref = vectors["packed"], vectors["batch1"]
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 

@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
-import numpy as np
 import torch
-from bench_ingest import DIM, adapter, fake_adam_state, pool_rows, projected_batches
+from bench_ingest import DIM, adapter, fake_adam_state, interleaved, pool_rows, projected_batches
 from common import machine, print_machine, print_table, write_json
 
 from qless.config import IngestConfig
@@ -35,17 +33,7 @@ def timed_part(computer, sparse, part: list, repeat: int) -> dict:
     """Best seconds of each path over `part`, interleaved per packed batch."""
     paths = {"batch1": lambda rows: [sparse.project(computer.gradient_tensor(ex)[None]) for ex in rows],
              "packed": lambda rows: projected_batches(computer, sparse, rows)}
-    best = dict.fromkeys(paths, np.inf)
-    for _ in range(repeat):
-        seconds = dict.fromkeys(paths, 0.0)
-        for idx in computer.batches(part, capped=False):
-            rows = [part[i] for i in idx]
-            for name, run in paths.items():
-                t0 = time.perf_counter()
-                run(rows)
-                seconds[name] += time.perf_counter() - t0
-        best = {name: min(best[name], seconds[name]) for name in best}
-    return best
+    return interleaved(part, computer.batches(part, capped=False), paths, repeat)[0]
 
 
 def main(argv=None) -> dict:
