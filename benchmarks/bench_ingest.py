@@ -136,6 +136,11 @@ def projected_batches(computer, sparse, rows: list) -> np.ndarray:
     return got
 
 
+def batch1_vectors(computer, projection, rows: list) -> np.ndarray:
+    """The batch-1 loop's projected vectors of `rows` (one forward and backward per example)."""
+    return np.stack([projection.project(computer.gradient_tensor(ex)[None]).cpu().numpy()[0] for ex in rows])
+
+
 def interleaved(rows: list, plan: list[list[int]], paths: dict, repeat: int, sync=lambda: None,
                 before_round=lambda: None) -> tuple[dict, dict]:
     """Each path's best seconds over `repeat` rounds, and its last round's outputs per batch: in
@@ -167,15 +172,13 @@ def run_config(base, rows: list, r: int, budget: int, bergson: bool, device: tor
     padded = GradientComputer(model, state, mode="adam", token_budget=budget, pack=False)
     sparse = SparseRademacher(dim, DIM, seed=0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    paths = {"batch1": lambda part: np.stack([sparse.project(packed.gradient_tensor(ex)[None]).cpu().numpy()[0]
-                                              for ex in part]),
+    paths = {"batch1": lambda part: batch1_vectors(packed, sparse, part),
              "packed": lambda part: projected_batches(packed, sparse, part),
              "padded": lambda part: projected_batches(padded, sparse, part)}
     if filed is not None:
         filed_computer = filed[0].GradientComputer(model, state, mode="adam")
         filed_sparse = filed[1].SparseRademacher(dim, DIM, seed=0)
-        paths["filed"] = lambda part: np.stack([filed_sparse.project(filed_computer.gradient_tensor(ex)[None])
-                                                .cpu().numpy()[0] for ex in part])
+        paths["filed"] = lambda part: batch1_vectors(filed_computer, filed_sparse, part)
     for run in paths.values():  # warm up every path
         run(rows[:2])
     tokens = sum(len(ex.input_ids) for ex in rows)
@@ -272,8 +275,8 @@ def main(argv=None) -> dict:
     tokenizer = load_tokenizer("smollm2-135m")
     base = load_model("smollm2-135m", dtype="bf16", device=device)
     n = 6 if args.quick else args.rows
-    filed_dir = tempfile.TemporaryDirectory()  # removed at exit
-    filed = None if args.no_filed else filed_qless(Path(filed_dir.name))
+    filed_dir = None if args.no_filed else tempfile.TemporaryDirectory()  # removed at exit
+    filed = None if filed_dir is None else filed_qless(Path(filed_dir.name))
     configs = [(512, 8)] if args.quick else args.config or [(512, 8), (512, 128), (1024, 8), (1024, 128)]
     name = "ingest_quick" if args.quick else f"ingest_{device.type}"
     # Each run is appended to the file's history: runs on other days and loads stay comparable.

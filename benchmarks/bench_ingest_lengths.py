@@ -20,7 +20,8 @@ import os
 import sys
 
 import torch
-from bench_ingest import DIM, adapter, fake_adam_state, interleaved, pool_rows, projected_batches
+from bench_ingest import (DIM, adapter, batch1_vectors, fake_adam_state, interleaved, pool_rows,
+                          projected_batches)
 from common import machine, print_machine, print_table, write_json
 
 from qless.config import IngestConfig
@@ -31,7 +32,7 @@ from qless.projection import SparseRademacher
 
 def timed_part(computer, sparse, part: list, repeat: int) -> dict:
     """Best seconds of each path over `part`, interleaved per packed batch."""
-    paths = {"batch1": lambda rows: [sparse.project(computer.gradient_tensor(ex)[None]) for ex in rows],
+    paths = {"batch1": lambda rows: batch1_vectors(computer, sparse, rows),
              "packed": lambda rows: projected_batches(computer, sparse, rows)}
     return interleaved(part, computer.batches(part, capped=False), paths, repeat)[0]
 
