@@ -75,8 +75,11 @@ FILED_COMMIT = "542e8a3"  # main when issue 13 was filed: its ingest ran the bat
 
 def filed_qless(tmp: Path):
     """(gradients, projection) modules of qless as of FILED_COMMIT, as the package `qless_filed`."""
-    tar = subprocess.run(["git", "-C", str(HERE.parent), "archive", FILED_COMMIT, "qless"],
-                         capture_output=True, check=True).stdout
+    got = subprocess.run(["git", "-C", str(HERE.parent), "archive", FILED_COMMIT, "qless"], capture_output=True)
+    if got.returncode != 0:
+        raise SystemExit(f"git archive {FILED_COMMIT} qless: {got.stderr.decode().strip()} "
+                         "(no git history here?); pass --no-filed")
+    tar = got.stdout
     with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
         archive.extractall(tmp, filter="data")
     root = tmp / "qless"
